@@ -1,0 +1,1 @@
+"""Data preparation: corpora -> SentencePiece tokenizer -> tokenized WebDataset shards."""

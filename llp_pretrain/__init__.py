@@ -1,0 +1,1 @@
+"""llp-pretrain: LLP language-model pretraining on DeepSpeed."""
