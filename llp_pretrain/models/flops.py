@@ -1,0 +1,85 @@
+"""Analytic training FLOPs (forward + backward) for MFU reporting.
+
+Convention (documented in ``docs/models.md``): a multiply-add is 2 FLOPs; backward costs twice
+the forward, so training = 3 x forward. Counted per layer: the q, k/v and output projections on
+the rows that compute them, the MLP (``2 * 2 * r * D^2`` per row), the compressed-history
+``Linear(h, c)``, and attention as ``4 * D`` FLOPs per *visible* (unmasked) query-key pair
+(``q k^T`` and ``p v``). Plus the output head ``2 * D * V`` per output row. The embedding lookup,
+LayerNorms, softmax and RoPE are not counted. The result is divided by the ``N`` input tokens.
+"""
+from __future__ import annotations
+
+from .config import ModelConfig
+
+
+def _causal_pairs(n: int) -> int:
+    return n * (n + 1) // 2
+
+
+def _attn_layer_flops(cfg: ModelConfig, rows_q: int, rows_kv: int, rows_out: int,
+                      pairs: int) -> float:
+    D = cfg.d_model
+    kv = 1 if cfg.shared_kv else 2
+    proj = 2 * D * D * (rows_q + kv * rows_kv + rows_out)
+    mlp = 2 * 2 * cfg.mlp_ratio * D * D * rows_out
+    return proj + mlp + 4 * D * pairs
+
+
+def visible_pairs(cfg: ModelConfig, N: int, layer: int) -> int:
+    """Unmasked query-key pairs of attention layer ``layer`` for an ``N``-token window."""
+    v = cfg.variant
+    if v == "gpt":
+        return _causal_pairs(N)
+    if v == "llp":
+        L = cfg.segment_len
+        full, rem = divmod(N, L)
+        total = 0
+        for s in range(full + (1 if rem else 0)):
+            n = L if s < full else rem
+            total += _causal_pairs(n) + (L * n if s > 0 else 0)
+        return total
+    m = min(cfg.latent_len, N)
+    h = N - m
+    lat = m * h + _causal_pairs(m)
+    if v == "perceiver_ar":
+        return lat if layer == 0 else _causal_pairs(m)
+    if v == "history_self_attention":
+        return lat + h * h
+    if v == "segmented_history":
+        return lat + h * h // cfg.history_segments
+    if v == "compressed_history":
+        if layer == 0:
+            return lat + h * h
+        c = cfg.compression_len
+        return m * c + _causal_pairs(m) + c * c
+    raise ValueError(f"unknown variant {v!r}")
+
+
+def forward_flops(cfg: ModelConfig, N: int) -> float:
+    """Forward FLOPs of one ``N``-token window (batch 1)."""
+    v, D = cfg.variant, cfg.d_model
+    total = 0.0
+    m = min(cfg.latent_len or N, N)
+    h = N - m
+    for i in range(cfg.n_layers):
+        pairs = visible_pairs(cfg, N, i)
+        if v in ("gpt", "llp", "history_self_attention", "segmented_history"):
+            total += _attn_layer_flops(cfg, N, N, N, pairs)
+        elif v == "perceiver_ar":
+            rows_kv = N if i == 0 else m
+            total += _attn_layer_flops(cfg, m, rows_kv, m, pairs)
+        elif v == "compressed_history":
+            c = cfg.compression_len
+            if i == 0:
+                total += _attn_layer_flops(cfg, N, N, c + m, pairs) + 2 * h * c * D
+            else:
+                total += _attn_layer_flops(cfg, c + m, c + m, c + m, pairs)
+    out_rows = N if v in ("gpt", "llp") else m
+    total += 2 * D * cfg.vocab_size * out_rows
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training (forward + backward = 3 x forward) FLOPs per input token of a ``seq_len``
+    window: ``3 * forward_flops(cfg, seq_len) / seq_len``."""
+    return 3.0 * forward_flops(cfg, seq_len) / seq_len

@@ -1,0 +1,164 @@
+"""Shared building blocks: RoPE, the MLP, projections of one attention layer, the SDPA call.
+
+Every attention in the family computes ``softmax(q k^T * d**-0.5 + mask) v`` with
+``torch.nn.functional.scaled_dot_product_attention`` so GPUs get fused kernels; the variants
+differ only in which query rows see which key rows (see ``docs/models.md``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    """RoPE inverse frequencies ``theta ** (-2i / d)`` for ``i < d/2``: shape ``(d/2,)`` fp32."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor):
+    """``cos, sin`` of shape ``(T, d)`` for integer ``positions`` ``(T,)``.
+
+    Angles ``pos * inv_freq`` are computed in fp32 and repeated per interleaved pair
+    ``(2i, 2i+1)``, as in the reference's ``rotary-embedding-torch``.
+    """
+    ang = positions.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]
+    ang = ang.repeat_interleave(2, dim=-1)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of ``x`` ``(..., T, d)`` by the angles in ``cos, sin`` ``(T, d)``.
+
+    Pair ``(x0, x1)`` becomes ``(x0 cos - x1 sin, x1 cos + x0 sin)``.
+    """
+    x2 = x.unflatten(-1, (-1, 2))
+    rot = torch.stack((-x2[..., 1], x2[..., 0]), dim=-1).flatten(-2)
+    return (x.float() * cos + rot.float() * sin).to(x.dtype)
+
+
+class MLP(nn.Module):
+    """``Linear(D, r D) -> GELU -> Dropout -> Linear(r D, D)`` on ``(B, T, D)``."""
+
+    def __init__(self, d_model: int, ratio: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, ratio * d_model)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(ratio * d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.drop(self.act(self.fc1(x))))
+
+
+@dataclass
+class ForwardContext:
+    """Per-forward information every block sees.
+
+    ``n_tokens``: real input length ``N`` (before any LLP padding); ``offset``: global position
+    of the first input token; ``seq_parallel``: LLP sequence-parallel object or None;
+    ``cache``: a generation cache being filled (prefill) or None.
+    """
+
+    n_tokens: int
+    offset: int = 0
+    seq_parallel: Any = None
+    cache: Any = None
+    extra: dict = field(default_factory=dict)
+
+
+class AttentionBase(nn.Module):
+    """Projections of one attention layer (no bias on q/k/v; output projection with bias).
+
+    Options from ``ModelConfig``: ``shared_kv`` (one ``kv_proj``; the rotated, normed result is
+    both keys and values, as in the reference), ``kv_layernorm`` (per-head LayerNorm of width
+    ``d`` applied after RoPE), RoPE on/off for this layer (``rope_layers``).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
+        D = cfg.d_model
+        self.q_proj = nn.Linear(D, D, bias=False)
+        if cfg.shared_kv:
+            self.kv_proj = nn.Linear(D, D, bias=False)
+        else:
+            self.k_proj = nn.Linear(D, D, bias=False)
+            self.v_proj = nn.Linear(D, D, bias=False)
+        if cfg.kv_layernorm:
+            self.kv_norm = nn.LayerNorm(self.head_dim)
+            if not cfg.shared_kv:
+                self.v_norm = nn.LayerNorm(self.head_dim)
+        self.out_proj = nn.Linear(D, D)
+        self.use_rope = cfg.uses_rope(layer)
+        self.register_buffer(
+            "inv_freq", rope_inv_freq(self.head_dim, cfg.rope_theta), persistent=False
+        )
+        self.dropout = cfg.dropout
+
+    # ---- shapes -------------------------------------------------------------------------
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """``(B, T, D) -> (B, H, T, d)``."""
+        B, T, _ = t.shape
+        return t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+
+    @staticmethod
+    def merge_heads(t: torch.Tensor) -> torch.Tensor:
+        """``(B, H, T, d) -> (B, T, D)``."""
+        B, H, T, d = t.shape
+        return t.transpose(1, 2).reshape(B, T, H * d)
+
+    def _rope(self, t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if not self.use_rope:
+            return t
+        cos, sin = rope_cos_sin(self.inv_freq, positions)
+        return apply_rope(t, cos.to(t.device), sin.to(t.device))
+
+    # ---- projections --------------------------------------------------------------------
+    def queries(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Queries ``(B, H, T, d)`` of normed inputs ``x`` ``(B, T, D)`` at ``positions`` ``(T,)``."""
+        return self._rope(self.split_heads(self.q_proj(x)), positions)
+
+    def keys_values(self, x: torch.Tensor, positions: torch.Tensor):
+        """Keys and values ``(B, H, T, d)`` each; with ``shared_kv`` they are the same tensor."""
+        if self.cfg.shared_kv:
+            k = self._rope(self.split_heads(self.kv_proj(x)), positions)
+            if self.cfg.kv_layernorm:
+                k = self.kv_norm(k)
+            return k, k
+        k = self._rope(self.split_heads(self.k_proj(x)), positions)
+        v = self.split_heads(self.v_proj(x))
+        if self.cfg.kv_layernorm:
+            k = self.kv_norm(k)
+            v = self.v_norm(v)
+        return k, v
+
+    def attend(self, q, k, v, mask: Optional[torch.Tensor] = None, causal: bool = False):
+        """SDPA with scale ``d**-0.5``; ``mask`` is boolean (True = visible), broadcastable.
+
+        Attention-probability dropout ``cfg.dropout`` is applied only in training mode.
+        """
+        p = self.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal and mask is None,
+            scale=self.head_dim ** -0.5,
+        )
+
+    def residual(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """The block's residual stream for this attention's output rows (identity by default)."""
+        return x
+
+
+def latent_mask(n_hist: int, n_lat: int, device=None) -> torch.Tensor:
+    """Boolean mask ``(m, h + m)`` for latents: all ``h`` history keys visible, latents causal."""
+    hist = torch.ones(n_lat, n_hist, dtype=torch.bool, device=device)
+    lat = torch.ones(n_lat, n_lat, dtype=torch.bool, device=device).tril()
+    return torch.cat([hist, lat], dim=1)
