@@ -1,0 +1,38 @@
+"""Sequence parallelism for LLP: split a sequence over ranks by whole segments.
+
+Public API (see ``docs/sequence_parallel.md``):
+
+* :func:`initialize_sequence_parallel` -> :class:`SequenceParallelGroups` (process groups;
+  also the ``mpu`` for ``deepspeed.initialize``); :func:`make_topology` (pure arithmetic).
+* :class:`SequenceParallelContext`: the object the model calls (``exchange_halo``,
+  ``position_offset``); :class:`CommCounter` records every transfer.
+* :func:`local_chunk`, :func:`check_divisible`: this rank's share of a batch.
+* :func:`sequence_parallel_lm_loss`: loss and token count reduced over the group;
+  :func:`check_sequence_parallel_variant` refuses ``P > 1`` for non-LLP variants.
+"""
+from .chunking import LocalChunk, check_divisible, local_chunk
+from .groups import SequenceParallelGroups, Topology, initialize_sequence_parallel, make_topology
+from .halo import CommCounter, CommRecord, SequenceParallelContext
+from .loss import (
+    SEQUENCE_PARALLEL_VARIANTS,
+    check_sequence_parallel_variant,
+    sequence_parallel_lm_loss,
+    token_loss_sum,
+)
+
+__all__ = [
+    "CommCounter",
+    "CommRecord",
+    "LocalChunk",
+    "SEQUENCE_PARALLEL_VARIANTS",
+    "SequenceParallelContext",
+    "SequenceParallelGroups",
+    "Topology",
+    "check_divisible",
+    "check_sequence_parallel_variant",
+    "initialize_sequence_parallel",
+    "local_chunk",
+    "make_topology",
+    "sequence_parallel_lm_loss",
+    "token_loss_sum",
+]

@@ -1,0 +1,113 @@
+"""Sequence-parallel language-model loss: local forward, group-reduced loss and token count.
+
+Each rank scores its own ``N / P`` positions. The loss *value* and token count are summed over
+the sequence-parallel group (so logging sees the single-rank numbers), while the *gradient* each
+rank back-propagates is that of its own tokens only (plus the halo gradients that arrive from
+rank ``r + 1`` through :mod:`~llp_pretrain.parallel.halo`). DeepSpeed then sums the replicated
+weights' gradients over the ``P`` peers and averages over data-parallel replicas (see
+:mod:`~llp_pretrain.parallel.groups`), which reproduces the single-rank gradient.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .chunking import local_chunk
+from .groups import SequenceParallelGroups
+from .halo import CommCounter
+
+#: variants whose attention only looks one segment back and so can be split by segments
+SEQUENCE_PARALLEL_VARIANTS = ("llp",)
+
+
+def check_sequence_parallel_variant(variant: str, sequence_parallel_size: int) -> None:
+    """Refuse ``P > 1`` for variants other than ``llp``.
+
+    Raises:
+        ValueError: naming the variant and ``parallel.sequence_parallel_size``.
+    """
+    if int(sequence_parallel_size) > 1 and variant not in SEQUENCE_PARALLEL_VARIANTS:
+        raise ValueError(
+            f"parallel.sequence_parallel_size={sequence_parallel_size} needs model.variant "
+            f"'llp' (its attention looks only one segment back, so a sequence can be split "
+            f"with a one-segment halo); variant {variant!r} attends over the whole window. "
+            f"Set parallel.sequence_parallel_size: 1 or use variant 'llp'"
+        )
+
+
+def _model_cfg(model):
+    m = getattr(model, "module", model)  # DeepSpeed engine or plain module
+    return getattr(m, "cfg", None) or getattr(m, "config", None)
+
+
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """Summed next-token cross entropy (nats) and the number of scored tokens.
+
+    Args:
+        logits: ``(B, T, V)``; targets: ``(B, T)`` int64.
+    Returns:
+        ``(loss_sum, n_tokens)``: fp32 scalar tensor, int.
+    """
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+    )
+    return loss, targets.numel()
+
+
+def sequence_parallel_lm_loss(
+    model,
+    tokens: torch.Tensor,
+    groups: SequenceParallelGroups,
+    segment_len: Optional[int] = None,
+    counter: Optional[CommCounter] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The sequence-parallel counterpart of ``llp_pretrain.models.lm_loss``.
+
+    Args:
+        model: an LLP ``LMModel`` (or a DeepSpeed engine wrapping one) accepting
+            ``model(input_ids, seq_parallel=ctx)``.
+        tokens: ``(B, N + 1)`` whole samples, identical on the ``P`` ranks of a group.
+        groups: the process groups (:func:`initialize_sequence_parallel`).
+        segment_len: LLP ``L``; read from the model's config when omitted.
+        counter: optional :class:`CommCounter` recording the halo transfers.
+
+    Returns:
+        ``(loss_sum, n_tokens)``, both fp32 scalars equal on all ranks of the group to the
+        single-rank ``lm_loss`` over the whole samples; ``loss_sum`` back-propagates only this
+        rank's share (``loss_sum / n_tokens`` is what to call backward on).
+
+    Raises:
+        ValueError: non-LLP variant with ``P > 1``; ``N`` not divisible by ``P * L``.
+    """
+    p = groups.sequence_parallel_size
+    cfg = _model_cfg(model)
+    if cfg is not None:
+        check_sequence_parallel_variant(getattr(cfg, "variant", "llp"), p)
+        if segment_len is None:
+            segment_len = cfg.segment_len
+    if segment_len is None:
+        raise ValueError("segment_len is required (the model exposes no cfg.segment_len)")
+    chunk = local_chunk(tokens, groups.sp_rank, p, segment_len)
+    ctx = groups.context(chunk.position_offset, counter=counter)
+    input_ids = chunk.input_ids.to(_param_device(model))
+    targets = chunk.targets.to(input_ids.device)
+    logits = model(input_ids, seq_parallel=ctx)
+    local_sum, local_n = token_loss_sum(logits, targets)
+    local_sum = local_sum + ctx.halo_loss_term().to(local_sum.device)
+    totals = torch.stack(
+        [local_sum.detach().float(), torch.tensor(float(local_n), device=local_sum.device)]
+    )
+    if p > 1:
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=groups.get_sequence_parallel_group())
+    # value: the group's total; gradient: this rank's own tokens only
+    loss_sum = local_sum + (totals[0] - local_sum.detach())
+    return loss_sum, totals[1]
+
+
+def _param_device(model) -> torch.device:
+    for prm in model.parameters():
+        return prm.device
+    return torch.device("cpu")
