@@ -17,7 +17,6 @@ from .loss import (
     SEQUENCE_PARALLEL_VARIANTS,
     check_sequence_parallel_variant,
     sequence_parallel_lm_loss,
-    token_loss_sum,
 )
 
 __all__ = [
@@ -34,5 +33,4 @@ __all__ = [
     "local_chunk",
     "make_topology",
     "sequence_parallel_lm_loss",
-    "token_loss_sum",
 ]

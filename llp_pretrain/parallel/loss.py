@@ -13,8 +13,8 @@ from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from ..models.loss import lm_loss
 from .chunking import local_chunk
 from .groups import SequenceParallelGroups
 from .halo import CommCounter
@@ -43,20 +43,6 @@ def _model_cfg(model):
     return getattr(m, "cfg", None) or getattr(m, "config", None)
 
 
-def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, int]:
-    """Summed next-token cross entropy (nats) and the number of scored tokens.
-
-    Args:
-        logits: ``(B, T, V)``; targets: ``(B, T)`` int64.
-    Returns:
-        ``(loss_sum, n_tokens)``: fp32 scalar tensor, int.
-    """
-    loss = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-    )
-    return loss, targets.numel()
-
-
 def sequence_parallel_lm_loss(
     model,
     tokens: torch.Tensor,
@@ -75,9 +61,10 @@ def sequence_parallel_lm_loss(
         counter: optional :class:`CommCounter` recording the halo transfers.
 
     Returns:
-        ``(loss_sum, n_tokens)``, both fp32 scalars equal on all ranks of the group to the
-        single-rank ``lm_loss`` over the whole samples; ``loss_sum`` back-propagates only this
-        rank's share (``loss_sum / n_tokens`` is what to call backward on).
+        ``(loss_sum, n_tokens)`` (fp32 scalar tensor in nats, int) equal on all ranks of the
+        group to the single-rank ``lm_loss`` over the whole samples; ``loss_sum``
+        back-propagates only this rank's share (call backward on ``loss_sum / n_tokens``).
+        With ``P == 1`` this is exactly ``lm_loss(model, tokens)``.
 
     Raises:
         ValueError: non-LLP variant with ``P > 1``; ``N`` not divisible by ``P * L``.
@@ -90,21 +77,22 @@ def sequence_parallel_lm_loss(
             segment_len = cfg.segment_len
     if segment_len is None:
         raise ValueError("segment_len is required (the model exposes no cfg.segment_len)")
+    if p == 1:
+        return lm_loss(model, tokens.long().to(_param_device(model)))
     chunk = local_chunk(tokens, groups.sp_rank, p, segment_len)
     ctx = groups.context(chunk.position_offset, counter=counter)
-    input_ids = chunk.input_ids.to(_param_device(model))
-    targets = chunk.targets.to(input_ids.device)
-    logits = model(input_ids, seq_parallel=ctx)
-    local_sum, local_n = token_loss_sum(logits, targets)
+    n = chunk.input_ids.shape[1]
+    # this rank's inputs plus the one token after them: lm_loss scores position i against i + 1
+    window = tokens[:, chunk.position_offset:chunk.position_offset + n + 1].long()
+    local_sum, local_n = lm_loss(model, window.to(_param_device(model)), seq_parallel=ctx)
     local_sum = local_sum + ctx.halo_loss_term().to(local_sum.device)
     totals = torch.stack(
         [local_sum.detach().float(), torch.tensor(float(local_n), device=local_sum.device)]
     )
-    if p > 1:
-        dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=groups.get_sequence_parallel_group())
+    dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=groups.get_sequence_parallel_group())
     # value: the group's total; gradient: this rank's own tokens only
     loss_sum = local_sum + (totals[0] - local_sum.detach())
-    return loss_sum, totals[1]
+    return loss_sum, int(round(totals[1].item()))
 
 
 def _param_device(model) -> torch.device:
