@@ -1,0 +1,136 @@
+"""Consolidate a DeepSpeed checkpoint (ZeRO 0-3) into ``model.safetensors`` + ``model_config.json``.
+
+``export_checkpoint(CHECKPOINT, OUT)`` accepts a run directory, its ``checkpoints/`` directory (the
+``latest`` tag is used) or one ``stepNNNNNNNN`` tag directory. ZeRO-0 weights come from the
+``module`` entry of ``mp_rank_00_model_states.pt``; ZeRO 1-3 weights are the fp32 master weights
+reassembled from every rank's partition by DeepSpeed's ``zero_to_fp32`` utilities. Every tensor is
+checked against the shape of a freshly built model of the checkpoint's ``ModelConfig`` before
+anything is written; files are written under temporary names and renamed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Dict, Tuple
+
+import torch
+
+from llp_pretrain import checkpoint as ckpt
+
+__all__ = ["resolve_checkpoint", "load_checkpoint_weights", "export_checkpoint", "load_exported_weights",
+           "load_model", "find_tokenizer"]
+
+WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "model_config.json"
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The complete tag directory that ``path`` designates (run dir, checkpoints dir or tag dir).
+
+    Raises ``FileNotFoundError`` naming ``path`` otherwise."""
+    p = Path(path)
+    if (p / ckpt.META).is_file():
+        return p
+    for cand in (p / "checkpoints", p):
+        tag = ckpt.read_latest(cand) if cand.is_dir() else None
+        if tag:
+            return cand / tag
+    raise FileNotFoundError(f"{path}: no complete llp-pretrain checkpoint (run dir, checkpoints/ dir with 'latest', "
+                            f"or stepNNNNNNNN dir with {ckpt.META})")
+
+
+def load_checkpoint_weights(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], Dict, Path]:
+    """``(state_dict, model_config_dict, tag_dir)`` of a checkpoint, full fp32 tensors on CPU.
+
+    Raises ``FileNotFoundError`` for a missing/incomplete checkpoint and ``ValueError`` when a tensor
+    is missing, unexpected or has the wrong shape for the checkpoint's model config."""
+    tag_dir = resolve_checkpoint(path)
+    meta = ckpt.read_meta(tag_dir)
+    stage = int(meta.get("zero_stage", 0))
+    if stage == 0:
+        files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"{tag_dir}: no mp_rank_00_model_states.pt")
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    model_cfg = meta["model"]
+    _check_shapes(state, model_cfg, tag_dir)
+    return state, model_cfg, tag_dir
+
+
+def _check_shapes(state: Dict[str, torch.Tensor], model_cfg: Dict, where) -> None:
+    from llp_pretrain.models import build_model
+
+    with torch.device("meta"):
+        ref = build_model(model_cfg).state_dict()
+    missing = [k for k in ref if k not in state]
+    extra = [k for k in state if k not in ref]
+    bad = [f"{k}: {tuple(state[k].shape)} != {tuple(ref[k].shape)}" for k in ref if k in state
+           and tuple(state[k].shape) != tuple(ref[k].shape)]
+    if missing or extra or bad:
+        raise ValueError(f"{where}: weights do not match the model config: missing {missing}, unexpected {extra}, "
+                         f"wrong shapes {bad}")
+
+
+def find_tokenizer(tag_dir: Path):
+    """``tokenizer.model`` saved in the run directory of a checkpoint (or next to exported weights)."""
+    for cand in (tag_dir / "tokenizer.model", tag_dir.parent / "tokenizer.model", tag_dir.parent.parent / "tokenizer.model"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write ``OUT/model.safetensors`` (fp32, every tensor full-shape), ``OUT/model_config.json`` and,
+    when the run has one, ``OUT/tokenizer.model``. Returns ``OUT``."""
+    from safetensors.torch import save_file
+
+    state, model_cfg, tag_dir = load_checkpoint_weights(path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    tmp = out / f".{WEIGHTS}.tmp"
+    save_file(tensors, str(tmp), metadata={"source": str(tag_dir), "format": "pt"})
+    os.replace(tmp, out / WEIGHTS)
+    ckpt.write_json_atomic(out / MODEL_CONFIG, model_cfg)
+    tok = find_tokenizer(tag_dir)
+    if tok is not None:
+        shutil.copyfile(tok, out / ".tokenizer.model.tmp")
+        os.replace(out / ".tokenizer.model.tmp", out / "tokenizer.model")
+    return out
+
+
+def load_exported_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load ``PATH/model.safetensors`` into ``model`` (strict). Raises ``FileNotFoundError``/``RuntimeError``."""
+    from safetensors.torch import load_file
+
+    f = Path(path) / WEIGHTS
+    if not f.is_file():
+        raise FileNotFoundError(f"{f}: not found; create it with `llp-pretrain export CHECKPOINT {path}`")
+    model.load_state_dict(load_file(str(f)), strict=True)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """A model ready for eval/generation from an exported directory or any checkpoint path.
+
+    Returns ``(model, model_config_dict, tokenizer_path_or_None)``; the model is in eval mode."""
+    from llp_pretrain.models import build_model
+
+    p = Path(path)
+    if (p / WEIGHTS).is_file() and (p / MODEL_CONFIG).is_file():
+        cfg = json.loads((p / MODEL_CONFIG).read_text())
+        model = build_model(cfg)
+        load_exported_weights(model, p)
+        tok = p / "tokenizer.model" if (p / "tokenizer.model").is_file() else None
+    else:
+        state, cfg, tag_dir = load_checkpoint_weights(p)
+        model = build_model(cfg)
+        model.load_state_dict(state, strict=True)
+        tok = find_tokenizer(tag_dir)
+    return model.to(device).eval(), cfg, tok
