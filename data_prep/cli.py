@@ -1,0 +1,158 @@
+"""``llp-prep``: tokenizer | shard | verify | stats (see ``docs/data_prep.md``).
+
+Exit status: 0 success, 1 ``verify`` found problems, 2 bad input or settings (the message names
+the file, line, key or value and says what to do).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from .errors import DataPrepError
+from .inputs import DEFAULT_MAX_LINE_BYTES, DOC_SEPS, ERRORS, FORMATS, ReadOptions
+
+
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", "-i", nargs="+", required=True, metavar="PATH",
+                   help="files or directories (recursive, sorted); text or JSON Lines, optionally "
+                        "gzip/xz/zstd/bz2 compressed")
+    p.add_argument("--doc-sep", choices=DOC_SEPS, default="file",
+                   help="plain text: one document per file (default) or documents separated by "
+                        "blank lines")
+    p.add_argument("--format", dest="input_format", choices=FORMATS, default="auto",
+                   help="auto: *.jsonl/*.ndjson/*.json[.gz|.xz|.zst] are JSON Lines, the rest text")
+    p.add_argument("--text-key", default="text", help="JSON Lines field holding the text")
+    p.add_argument("--errors", choices=ERRORS, default="replace",
+                   help="invalid UTF-8: replace with U+FFFD (default), skip the bytes, or fail; "
+                        "replace/skip are counted")
+    p.add_argument("--strict", action="store_true",
+                   help="JSON Lines: fail on the first bad line (file:line) instead of counting it")
+    p.add_argument("--max-line-bytes", type=int, default=DEFAULT_MAX_LINE_BYTES,
+                   help="JSON Lines: longer lines are skipped and counted (default %(default)s)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def _read_options(a) -> ReadOptions:
+    return ReadOptions(doc_sep=a.doc_sep, text_key=a.text_key, errors=a.errors, strict=a.strict,
+                       max_line_bytes=a.max_line_bytes, input_format=a.input_format)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="llp-prep", description=(
+        "Corpora -> SentencePiece tokenizer -> WebDataset token shards with a verifiable "
+        "manifest."))
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("tokenizer", help="train DIR/tokenizer.{model,vocab,json}")
+    _add_input_args(t)
+    t.add_argument("--vocab-size", type=int, default=32000)
+    t.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    t.add_argument("--normalization", choices=("identity", "nfkc"), default="identity",
+                   help="identity (lossless, default) or nfkc")
+    t.add_argument("--max-sentences", type=int, default=1_000_000,
+                   help="train on a deterministic sample of this many chunks (default %(default)s)")
+    t.add_argument("--max-sentence-bytes", type=int, default=4192,
+                   help="training chunks are cut at newlines to at most this many bytes")
+    t.add_argument("--character-coverage", type=float, default=0.9995)
+    t.add_argument("--soft-vocab-limit", action="store_true",
+                   help="accept fewer pieces than --vocab-size when the corpus is too small")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=None, help="SentencePiece trainer threads")
+    t.add_argument("--out", required=True, metavar="DIR")
+
+    s = sub.add_parser("shard", help="tokenize and write DIR/{train,val}-NNNNNN.tar + manifest.json")
+    _add_input_args(s)
+    s.add_argument("--tokenizer", required=True, metavar="MODEL",
+                   help="tokenizer.model (or the directory holding it)")
+    s.add_argument("--out", required=True, metavar="DIR")
+    s.add_argument("--seq-len", type=int, default=2048,
+                   help="model context; samples hold seq_len + 1 tokens (default %(default)s)")
+    s.add_argument("--val-fraction", type=float, default=0.005)
+    s.add_argument("--split-seed", type=int, default=0)
+    s.add_argument("--samples-per-shard", type=int, default=10_000)
+    s.add_argument("--workers", type=int, default=1,
+                   help="encoding processes; the output is identical for any value")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace a different dataset already in --out")
+
+    v = sub.add_parser("verify", help="re-hash and decode every shard, check the manifest")
+    v.add_argument("dir")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    st = sub.add_parser("stats", help="documents, tokens, bytes per token, unk/byte-fallback rates")
+    st.add_argument("dir")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    return ap
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``llp-prep``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = build_parser().parse_args(argv)
+    try:
+        if a.cmd == "tokenizer":
+            from .tokenizer import train_tokenizer
+
+            info = train_tokenizer(
+                a.input, a.out, vocab_size=a.vocab_size, model_type=a.model_type,
+                normalization=a.normalization, max_sentences=a.max_sentences,
+                max_sentence_bytes=a.max_sentence_bytes, character_coverage=a.character_coverage,
+                soft_vocab_limit=a.soft_vocab_limit, seed=a.seed, num_threads=a.threads,
+                read_options=_read_options(a), quiet=a.quiet, argv=argv)
+            print(f"wrote {a.out}/tokenizer.model ({info['piece_count']} pieces, sha256 "
+                  f"{info['sha256'][:16]}...) from {info['sampling']['documents']:,} documents, "
+                  f"{info['sampling']['sentences_used']:,} of "
+                  f"{info['sampling']['sentences_seen']:,} training chunks")
+            print("skipped:")
+            print("\n".join(info["skip_summary"]))
+            return 0
+        if a.cmd == "shard":
+            from .shards import build_shards
+
+            m = build_shards(
+                a.input, a.tokenizer, a.out, seq_len=a.seq_len, val_fraction=a.val_fraction,
+                samples_per_shard=a.samples_per_shard, workers=a.workers,
+                read_options=_read_options(a), split_seed=a.split_seed, overwrite=a.overwrite,
+                quiet=a.quiet, argv=argv)
+            for s, t in m["totals"].items():
+                print(f"{s}: {t['documents']:,} documents, {t['text_tokens']:,} tokens -> "
+                      f"{t['samples']:,} samples in {t['shards']} shards "
+                      f"({t['dropped_tail_tokens']:,} tail tokens dropped)")
+            print(f"wrote {a.out}/manifest.json")
+            print("skipped:")
+            print("\n".join(m["skip_summary"]))
+            return 0
+        if a.cmd == "verify":
+            from .verify import verify_dataset
+
+            r = verify_dataset(a.dir)
+            if a.json:
+                print(json.dumps(r, indent=1))
+            else:
+                for w in r["warnings"]:
+                    print(f"warning: {w}")
+                for e in r["errors"]:
+                    print(f"ERROR: {e}")
+                print(f"{'OK' if r['ok'] else 'FAILED'}: {r['shards']} shards, {r['samples']:,} "
+                      f"samples, {r['tokens']:,} tokens checked in {a.dir}")
+            return 0 if r["ok"] else 1
+        if a.cmd == "stats":
+            from .stats import dataset_stats, format_stats
+
+            st = dataset_stats(a.dir)
+            print(json.dumps(st, indent=1) if a.json else "\n".join(format_stats(st)))
+            return 0
+    except DataPrepError as e:
+        print(f"llp-prep {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"llp-prep {a.cmd}: interrupted; rerun the same command to redo it cleanly",
+              file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,489 @@
+"""Tokenizing documents and packing them into WebDataset shards (``llp-prep shard``).
+
+Pipeline: the main process reads documents (``data_prep.inputs``) and cuts them into batches of
+about ``BATCH_CHARS`` characters; ``workers`` processes encode batches with SentencePiece (at most
+``2 * workers`` batches in flight, results consumed in submission order, so memory is bounded and
+the output does not depend on ``workers``); the main process appends EOS after each document,
+packs each split's token stream into samples of ``seq_len + 1`` tokens that share one boundary token
+(``docs/internals.md``) and writes them with ``webdataset.TarWriter`` to ``NAME.partial`` files that
+are renamed when complete. ``manifest.json`` is written last.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections import deque
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Deque, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .errors import DataPrepError, SkipCounter
+from .inputs import PIECE_CHARS, ReadOptions, discover, iter_documents
+from .manifest import (FORMAT_VERSION, MANIFEST, PARTIAL_SUFFIX, RUN_MARKER, SHARD_RE, SPLITS,
+                       fingerprint, sample_key, shard_name, strip_execution_only,
+                       write_json_atomic)
+from .progress import Progress
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, load_tokenizer
+
+DEFAULT_SAMPLES_PER_SHARD = 10_000
+BATCH_CHARS = 1 << 20
+BATCH_MAX_PIECES = 8192
+TAR_MTIME = 0.0              # fixed member mtime: reproducible tars
+SPLIT_METHOD = "blake2b-64 of 'seed\\0identity\\0ordinal' / 2**64 < val_fraction -> val"
+
+
+def split_of(identity: str, ordinal: int, val_fraction: float, seed: int = 0) -> str:
+    """``"val"`` or ``"train"`` for a document, from its identity only (source identity + ordinal
+    within the source), so a document lands in the same split whatever else is in the corpus."""
+    if val_fraction <= 0.0:
+        return "train"
+    h = hashlib.blake2b(f"{seed}\0{identity}\0{ordinal}".encode("utf-8"), digest_size=8).digest()
+    return "val" if int.from_bytes(h, "big") / 2.0 ** 64 < val_fraction else "train"
+
+
+def token_dtype(piece_count: int) -> np.dtype:
+    """``uint16`` if every id fits (``piece_count <= 65536``), else ``uint32``."""
+    return np.dtype(np.uint16) if piece_count <= 1 << 16 else np.dtype(np.uint32)
+
+
+def npy_header(length: int, dtype: np.dtype) -> bytes:
+    """The ``.npy`` header of a 1-D array of ``length`` items of ``dtype`` (what ``np.save`` writes)."""
+    b = io.BytesIO()
+    np.lib.format.write_array(b, np.zeros(length, dtype=dtype), allow_pickle=False)
+    return b.getvalue()[: -length * dtype.itemsize]
+
+
+# ----------------------------------------------------------------------------- workers
+_SP = None
+_BYTE_RANGE = (4, 259)
+
+
+def _init_worker(model_path: str) -> None:
+    global _SP, _BYTE_RANGE
+    import sentencepiece as spm
+
+    _SP = spm.SentencePieceProcessor(model_file=model_path)
+    byte_ids = [i for i in range(_SP.get_piece_size()) if _SP.is_byte(i)]
+    _BYTE_RANGE = (min(byte_ids), max(byte_ids)) if byte_ids else (1, 0)
+
+
+def _encode_batch(texts: List[str], lasts: List[bool]):
+    """Encode a batch of document pieces; EOS is appended after each document's last piece.
+
+    Returns ``(flat uint32 tokens, tokens per piece, UTF-8 bytes per piece, unk ids per piece,
+    byte-fallback ids per piece)``.
+    """
+    ids = _SP.encode(texts, num_threads=1)
+    flat: List[int] = []
+    ntok = np.empty(len(texts), dtype=np.int64)
+    for i, (t, last) in enumerate(zip(ids, lasts)):
+        flat.extend(t)
+        if last:
+            flat.append(EOS_ID)
+        ntok[i] = len(t) + (1 if last else 0)
+    arr = np.array(flat, dtype=np.uint32)
+    nbytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
+    ends = np.cumsum(ntok)
+    starts = ends - ntok
+    lo, hi = _BYTE_RANGE
+    unk_c = np.concatenate([[0], np.cumsum(arr == UNK_ID)])
+    byte_c = np.concatenate([[0], np.cumsum((arr >= lo) & (arr <= hi))])
+    return arr, ntok, nbytes, unk_c[ends] - unk_c[starts], byte_c[ends] - byte_c[starts]
+
+
+# ----------------------------------------------------------------------------- writing
+class _HashingFile:
+    """File wrapper that sha256-hashes everything written through it (tarfile stream mode only
+    calls ``write``)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self.h.update(b)
+        self.n += len(b)
+        return self.f.write(b)
+
+    def tell(self) -> int:
+        return self.n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+class _ShardSink:
+    """Writes one split's samples into ``SPLIT-NNNNNN.tar`` shards of ``samples_per_shard``."""
+
+    def __init__(self, out: Path, split: str, samples_per_shard: int, seq_len: int) -> None:
+        self.out, self.split, self.k_per = out, split, samples_per_shard
+        self.seq_len = seq_len
+        self.shards: List[Dict] = []
+        self._tw = self._file = self._hf = None
+        self._n = 0
+        self._tmp: Optional[Path] = None
+
+    def _open(self) -> None:
+        import webdataset as wds
+
+        name = shard_name(self.split, len(self.shards))
+        self._tmp = self.out / (name + PARTIAL_SUFFIX)
+        self._file = open(self._tmp, "wb")
+        self._hf = _HashingFile(self._file)
+        self._tw = wds.TarWriter(self._hf, encoder=False, mtime=TAR_MTIME, user="llp",
+                                 group="llp", mode=0o444)
+        self._n = 0
+
+    def write(self, key: str, npy: bytes, meta: bytes) -> None:
+        if self._tw is None:
+            self._open()
+        self._tw.write({"__key__": key, "tokens.npy": npy, "json": meta})
+        self._n += 1
+        if self._n == self.k_per:
+            self.close_current()
+
+    def close_current(self) -> None:
+        if self._tw is None:
+            return
+        self._tw.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        name = shard_name(self.split, len(self.shards))
+        os.replace(self._tmp, self.out / name)
+        self.shards.append({"name": name, "split": self.split, "samples": self._n,
+                            "tokens": self._n * (self.seq_len + 1), "bytes": self._hf.n,
+                            "sha256": self._hf.h.hexdigest()})
+        self._tw = self._file = self._hf = self._tmp = None
+
+    def abort(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            finally:
+                if self._tmp is not None and self._tmp.exists():
+                    self._tmp.unlink()
+        self._tw = self._file = self._hf = self._tmp = None
+
+
+class _SplitPacker:
+    """Packs one split's token stream into samples of ``seq_len + 1`` tokens.
+
+    Sample ``k`` holds stream tokens ``[k*seq_len, k*seq_len + seq_len + 1)``; its ``json`` lists
+    ``[doc_id, token offset in the document, token count]`` for every document it overlaps, and
+    the blake2b-128 of its ``tokens.npy`` bytes (so ``verify`` can name a corrupted sample).
+    """
+
+    def __init__(self, split: str, seq_len: int, dtype: np.dtype, sink: _ShardSink) -> None:
+        self.split, self.L, self.dtype, self.sink = split, seq_len, dtype, sink
+        self.header = npy_header(seq_len + 1, dtype)
+        self.buf = np.empty(0, dtype=dtype)
+        self.buf_start = 0
+        self.pending: List[np.ndarray] = []
+        self.segs: Deque[List[int]] = deque()   # [stream_start, stream_end, doc_id, doc_offset]
+        self.stream_len = 0
+        self.samples = 0
+        self.documents = self.text_bytes = self.unk = self.byte_fallback = 0
+
+    def add(self, doc_id: int, doc_offset: int, tokens: np.ndarray) -> None:
+        n = len(tokens)
+        if n == 0:
+            return
+        if self.segs and self.segs[-1][2] == doc_id and self.segs[-1][1] == self.stream_len:
+            self.segs[-1][1] += n
+        else:
+            self.segs.append([self.stream_len, self.stream_len + n, doc_id, doc_offset])
+        self.pending.append(tokens)
+        self.stream_len += n
+
+    def emit(self) -> None:
+        L = self.L
+        n_complete = (self.stream_len - 1) // L if self.stream_len > L else 0
+        if n_complete <= self.samples:
+            return
+        if self.pending:
+            self.buf = np.concatenate([self.buf] + [p.astype(self.dtype, copy=False)
+                                                    for p in self.pending])
+            self.pending = []
+        for k in range(self.samples, n_complete):
+            lo = k * L
+            hi = lo + L + 1
+            s = lo - self.buf_start
+            sample = self.buf[s:s + L + 1]
+            while self.segs and self.segs[0][1] <= lo:
+                self.segs.popleft()
+            docs = []
+            for st, en, doc_id, off in self.segs:
+                if st >= hi:
+                    break
+                a, b = max(st, lo), min(en, hi)
+                docs.append([doc_id, off + (a - st), b - a])
+            data = sample.tobytes()
+            meta = {"split": self.split, "index": k, "docs": docs,
+                    "tokens_blake2b": hashlib.blake2b(data, digest_size=16).hexdigest()}
+            self.sink.write(sample_key(self.split, k), self.header + data,
+                            json.dumps(meta, separators=(",", ":")).encode("utf-8"))
+        self.samples = n_complete
+        cut = n_complete * L - self.buf_start
+        self.buf = self.buf[cut:].copy()
+        self.buf_start = n_complete * L
+
+    def totals(self) -> Dict:
+        covered = self.samples * self.L + 1 if self.samples else 0
+        return {
+            "documents": self.documents,
+            "samples": self.samples,
+            "tokens": self.samples * (self.L + 1),
+            "stream_tokens": covered,
+            "text_bytes": self.text_bytes,
+            "text_tokens": self.stream_len,
+            "dropped_tail_tokens": self.stream_len - covered,
+            "unk_tokens": self.unk,
+            "byte_fallback_tokens": self.byte_fallback,
+            "shards": len(self.sink.shards),
+        }
+
+
+# ----------------------------------------------------------------------------- output dir
+def _existing_fingerprint(path: Path) -> Optional[str]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("fingerprint")
+    except Exception:
+        return "<unreadable>"
+
+
+def _prepare_out_dir(out: Path, fp: str, overwrite: bool, settings: Dict) -> str:
+    """Refuse a directory holding a different dataset (unless ``overwrite``), then clear what an
+    earlier run of this dataset left (manifest first, then shards and partial files) and mark the
+    run as unfinished. Returns what was found, for the log."""
+    out.mkdir(parents=True, exist_ok=True)
+    manifest, marker = out / MANIFEST, out / RUN_MARKER
+    ours = [p for p in out.iterdir()
+            if SHARD_RE.match(p.name) or p.name.endswith(".tar" + PARTIAL_SUFFIX)]
+    found = "empty"
+    if manifest.exists():
+        old = _existing_fingerprint(manifest)
+        found = "same dataset (redoing it)" if old == fp else "a different dataset"
+    elif marker.exists():
+        old = _existing_fingerprint(marker)
+        found = ("an unfinished run of the same dataset (redoing it)" if old == fp
+                 else "an unfinished run of a different dataset")
+    elif ours:
+        old, found = None, "shards without a manifest"
+    else:
+        old = fp
+    if old != fp and not overwrite:
+        raise DataPrepError(
+            f"output directory {out} holds {found} ({len(ours)} shard files; fingerprint "
+            f"{str(old)[:12]} vs {fp[:12]} for this command); pass --overwrite to replace it, or "
+            f"choose another --out")
+    write_json_atomic(marker, {"fingerprint": fp, "settings": settings})
+    if manifest.exists():
+        manifest.unlink()
+    for p in ours:
+        p.unlink()
+    return found
+
+
+# ----------------------------------------------------------------------------- API
+def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.PathLike, *,
+                 seq_len: int = 2048, val_fraction: float = 0.005,
+                 samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD, workers: int = 1,
+                 read_options: Optional[ReadOptions] = None, split_seed: int = 0,
+                 overwrite: bool = False, quiet: bool = True,
+                 argv: Optional[List[str]] = None) -> Dict:
+    """Tokenize ``inputs`` and write ``out_dir/{train,val}-NNNNNN.tar`` + ``manifest.json``.
+
+    Args:
+        inputs: files or directories (text or JSONL, optionally gzip/xz/zstd/bz2).
+        tokenizer: ``tokenizer.model`` (or its directory) from ``train_tokenizer``.
+        seq_len: model context in tokens; every sample holds ``seq_len + 1`` token ids.
+        val_fraction: expected fraction of documents (by identity hash) in the val split.
+        samples_per_shard: samples per tar (the last shard of a split may hold fewer).
+        workers: encoding processes (1 = encode in this process). Never changes the output.
+        read_options: document reading options (``doc_sep``, ``text_key``, ``errors``, ...).
+        split_seed: salt of the split hash.
+        overwrite: replace a different dataset found in ``out_dir``.
+        argv: the command line, recorded in the manifest without execution-only options.
+
+    Returns:
+        The manifest dict (also written to ``out_dir/manifest.json``), plus ``skip_summary``
+        lines that are not part of the file.
+
+    Raises:
+        DataPrepError: bad settings or input (names file/line), or ``out_dir`` holds a different
+            dataset and ``overwrite`` is false.
+    """
+    opts = read_options or ReadOptions()
+    opts.validate()
+    if seq_len < 1:
+        raise DataPrepError(f"--seq-len must be >= 1, got {seq_len}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataPrepError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if samples_per_shard < 1:
+        raise DataPrepError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    if workers < 1:
+        raise DataPrepError(f"--workers must be >= 1, got {workers}")
+    model_path = Path(tokenizer)
+    if model_path.is_dir():
+        model_path = model_path / "tokenizer.model"
+    sp, tok_sha, piece_count = load_tokenizer(model_path)
+    byte_ids = [i for i in range(piece_count) if sp.is_byte(i)]
+    dtype = token_dtype(piece_count)
+    sources = discover(inputs, opts.input_format)
+    out = Path(out_dir)
+
+    settings = {
+        "inputs": [str(p) for p in inputs],
+        "tokenizer_sha256": tok_sha,
+        "seq_len": seq_len,
+        "val_fraction": val_fraction,
+        "split_seed": split_seed,
+        "samples_per_shard": samples_per_shard,
+        "doc_sep": opts.doc_sep,
+        "text_key": opts.text_key,
+        "errors": opts.errors,
+        "strict": opts.strict,
+        "max_line_bytes": opts.max_line_bytes,
+        "input_format": opts.input_format,
+        "piece_chars": PIECE_CHARS,
+    }
+    fp = fingerprint({"settings": settings, "format_version": FORMAT_VERSION,
+                      "sources": [[s.path, s.identity, s.size] for s in sources]})
+    found = _prepare_out_dir(out, fp, overwrite, settings)
+    if not quiet:
+        print(f"llp-prep shard: {out}: found {found}; {len(sources)} input files, "
+              f"{workers} worker(s)", flush=True)
+
+    skips = SkipCounter()
+    sinks = {s: _ShardSink(out, s, samples_per_shard, seq_len) for s in SPLITS}
+    packers = {s: _SplitPacker(s, seq_len, dtype, sinks[s]) for s in SPLITS}
+    source_docs = [0] * len(sources)
+    progress = Progress(total_bytes=sum(s.size for s in sources), desc="shard", quiet=quiet)
+    pool = None
+    try:
+        if workers > 1:
+            ctx = get_context("spawn" if os.name != "posix" else "fork")
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(model_path),))
+        else:
+            _init_worker(str(model_path))
+        _run_pipeline(sources, opts, skips, progress, pool, workers, packers, source_docs,
+                      val_fraction, split_seed)
+        for s in SPLITS:
+            packers[s].emit()
+            sinks[s].close_current()
+    except BaseException:
+        for s in SPLITS:
+            sinks[s].abort()
+        raise
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+    totals = {s: packers[s].totals() for s in SPLITS}
+    for s in SPLITS:
+        skips.add("dropped_tail_tokens", totals[s]["dropped_tail_tokens"])
+    shards = sinks["train"].shards + sinks["val"].shards
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created_by": "llp-prep (data_prep)",
+        "fingerprint": fp,
+        "seq_len": seq_len,
+        "sample_tokens": seq_len + 1,
+        "dtype": dtype.name,
+        "tokenizer": {
+            "path": str(tokenizer), "sha256": tok_sha, "piece_count": piece_count,
+            "pad_id": PAD_ID, "unk_id": UNK_ID, "bos_id": BOS_ID, "eos_id": EOS_ID,
+            "byte_fallback_ids": [min(byte_ids), max(byte_ids)] if byte_ids else None,
+        },
+        "split": {"method": SPLIT_METHOD, "val_fraction": val_fraction, "seed": split_seed,
+                  "unit": "document"},
+        "sample_format": {"key": "SPLIT_NNNNNNNNNN (no dots)",
+                          "tokens.npy": f"1-D {dtype.name}[seq_len + 1]",
+                          "json": "{split, index, docs: [[doc_id, token_offset, token_count]], "
+                                  "tokens_blake2b}"},
+        "command": {"argv": strip_execution_only(argv), "settings": settings,
+                    "not_recorded": ["--workers", "--quiet", "--overwrite"]},
+        "sources": [{"path": s.path, "identity": s.identity, "format": s.fmt, "bytes": s.size,
+                     "documents": n} for s, n in zip(sources, source_docs)],
+        "shards": shards,
+        "totals": totals,
+        "skipped": skips.as_dict(),
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+    (out / RUN_MARKER).unlink(missing_ok=True)
+    manifest = dict(manifest)
+    manifest["skip_summary"] = skips.summary_lines()
+    return manifest
+
+
+def _batches(doc_iter, sources, source_docs, val_fraction, split_seed):
+    """Group document pieces into batches; assign document ids and splits (in input order)."""
+    texts: List[str] = []
+    meta: List[tuple] = []
+    chars = 0
+    doc_id = -1
+    split = "train"
+    new_doc = True
+    for si, ordinal, piece, last in doc_iter:
+        if new_doc:
+            doc_id += 1
+            split = split_of(sources[si].identity, ordinal, val_fraction, split_seed)
+            source_docs[si] += 1
+        texts.append(piece)
+        meta.append((doc_id, split, last, new_doc))
+        new_doc = last
+        chars += len(piece)
+        if chars >= BATCH_CHARS or len(texts) >= BATCH_MAX_PIECES:
+            yield texts, meta
+            texts, meta, chars = [], [], 0
+    if texts:
+        yield texts, meta
+
+
+def _run_pipeline(sources, opts, skips, progress, pool, workers, packers, source_docs,
+                  val_fraction, split_seed) -> None:
+    doc_offset = {s: 0 for s in SPLITS}
+
+    def consume(meta, result):
+        arr, ntok, nbytes, nunk, nbyte = result
+        ends = np.cumsum(ntok)
+        pos = 0
+        for i, (doc_id, split, last, first) in enumerate(meta):
+            p = packers[split]
+            if first:
+                p.documents += 1
+                doc_offset[split] = 0
+            end = int(ends[i])
+            p.add(doc_id, doc_offset[split], arr[pos:end])
+            doc_offset[split] += end - pos
+            pos = end
+            p.text_bytes += int(nbytes[i])
+            p.unk += int(nunk[i])
+            p.byte_fallback += int(nbyte[i])
+        n_tok = int(ends[-1]) if len(ends) else 0
+        progress.add_docs(sum(1 for m in meta if m[2]))
+        progress.add_tokens(n_tok)
+        for p in packers.values():
+            p.emit()
+
+    batches = _batches(iter_documents(sources, opts, skips, progress.add_bytes), sources,
+                       source_docs, val_fraction, split_seed)
+    if pool is None:
+        for texts, meta in batches:
+            consume(meta, _encode_batch(texts, [m[2] for m in meta]))
+        return
+    window: Deque = deque()
+    for texts, meta in batches:
+        window.append((meta, pool.apply_async(_encode_batch, (texts, [m[2] for m in meta]))))
+        while len(window) > 2 * workers:
+            m, r = window.popleft()
+            consume(m, r.get())
+    while window:
+        m, r = window.popleft()
+        consume(m, r.get())

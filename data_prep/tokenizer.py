@@ -1,0 +1,268 @@
+"""Training the SentencePiece tokenizer (``llp-prep tokenizer``).
+
+Settings follow ``docs/internals.md``: fixed ids pad=0 unk=1 bos=2 eos=3, byte fallback on (so no
+text ever maps to ``unk``), whitespace and newlines kept (no dummy prefix, no whitespace removal),
+identity normalization by default (``nfkc`` as an option, which is not lossless). Training sentences
+are documents cut at newlines into chunks of at most ``max_sentence_bytes`` UTF-8 bytes (a line
+longer than that is cut at a character boundary), so a long document is chunked, never dropped, and
+the newline character gets its own pieces. A reservoir sample of ``max_sentences`` chunks
+(seeded, deterministic) is what SentencePiece trains on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+from .errors import DataPrepError, SkipCounter
+from .inputs import ReadOptions, discover, iter_documents
+from .progress import Progress
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+SPECIAL_PIECES = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>"}
+MODEL_TYPES = ("bpe", "unigram")
+NORMALIZATIONS = ("identity", "nfkc")
+TOKENIZER_FORMAT_VERSION = 1
+
+
+def file_sha256(path: os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(1 << 20), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
+def split_for_training(text: str, max_bytes: int) -> Iterator[str]:
+    """Cut ``text`` into chunks of at most ``max_bytes`` UTF-8 bytes, at newlines where possible.
+
+    Newlines stay inside the chunks (so SentencePiece learns pieces containing ``\\n``); a single
+    line longer than ``max_bytes`` is cut at character boundaries. Nothing is dropped: the chunks
+    concatenate back to ``text``.
+    """
+    if len(text.encode("utf-8")) <= max_bytes:
+        if text:
+            yield text
+        return
+    cur: List[str] = []
+    cur_bytes = 0
+    for line in text.splitlines(keepends=True):
+        nb = len(line.encode("utf-8"))
+        if cur and cur_bytes + nb > max_bytes:
+            yield "".join(cur)
+            cur, cur_bytes = [], 0
+        if nb > max_bytes:
+            # a line longer than the limit: cut by characters (<= 4 bytes each)
+            pos = 0
+            while pos < len(line):
+                step = max(1, max_bytes // 4)
+                end = min(len(line), pos + step)
+                # grow greedily while it fits
+                while end < len(line) and len(line[pos:end + step].encode("utf-8")) <= max_bytes:
+                    end = min(len(line), end + step)
+                yield line[pos:end]
+                pos = end
+            continue
+        cur.append(line)
+        cur_bytes += nb
+    if cur:
+        yield "".join(cur)
+
+
+def _sample_sentences(sources, opts: ReadOptions, skips: SkipCounter, max_sentences: int,
+                      max_sentence_bytes: int, seed: int, progress: Progress) -> (List[str], Dict):
+    """Reservoir-sample training chunks; returns them in corpus order plus counts."""
+    rng = random.Random(seed)
+    reservoir: List[tuple] = []
+    seen = 0
+    n_docs = 0
+    doc_parts: List[str] = []
+    for _, _, piece, last in iter_documents(sources, opts, skips, progress.add_bytes):
+        doc_parts.append(piece)
+        if not last:
+            # pieces of a long document: emit all complete chunks but the tail, keep the tail
+            joined = "".join(doc_parts)
+            cut = joined.rfind("\n") + 1
+            if cut <= 0:
+                if len(joined) < max_sentence_bytes:
+                    continue
+                cut = len(joined)  # one very long line: chunk it by characters
+            head, tail = joined[:cut], joined[cut:]
+            doc_parts = [tail] if tail else []
+            chunks = split_for_training(head, max_sentence_bytes)
+        else:
+            n_docs += 1
+            progress.add_docs(1)
+            chunks = split_for_training("".join(doc_parts), max_sentence_bytes)
+            doc_parts = []
+        for ch in chunks:
+            if seen < max_sentences:
+                reservoir.append((seen, ch))
+            else:
+                j = rng.randrange(seen + 1)
+                if j < max_sentences:
+                    reservoir[j] = (seen, ch)
+            seen += 1
+    reservoir.sort(key=lambda x: x[0])
+    return [s for _, s in reservoir], {"documents": n_docs, "sentences_seen": seen,
+                                        "sentences_used": len(reservoir)}
+
+
+_TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
+
+
+def train_tokenizer(inputs: Sequence[str], out_dir: os.PathLike, *, vocab_size: int = 32000,
+                    model_type: str = "bpe", normalization: str = "identity",
+                    max_sentences: int = 1_000_000, max_sentence_bytes: int = 4192,
+                    character_coverage: float = 0.9995, soft_vocab_limit: bool = False,
+                    split_digits: bool = True, seed: int = 0, num_threads: Optional[int] = None,
+                    read_options: Optional[ReadOptions] = None, quiet: bool = True,
+                    argv: Optional[List[str]] = None) -> Dict:
+    """Train a SentencePiece model on ``inputs`` and write ``out_dir/tokenizer.{model,vocab,json}``.
+
+    Args:
+        inputs: files or directories (see ``data_prep.inputs.discover``).
+        vocab_size: requested number of pieces, specials and the 256 byte pieces included.
+        model_type: ``bpe`` or ``unigram``.
+        normalization: ``identity`` (lossless, default) or ``nfkc``.
+        max_sentences: size of the deterministic reservoir sample of training chunks.
+        max_sentence_bytes: training chunk limit in UTF-8 bytes (SentencePiece's sentence limit).
+        soft_vocab_limit: if the corpus cannot support ``vocab_size`` pieces, make fewer instead of
+            failing (the real count is recorded as ``piece_count``).
+        read_options: how documents are read (doc separator, JSONL key, --errors, ...).
+
+    Returns:
+        The dict written to ``tokenizer.json`` (settings, ``piece_count``, ``sha256``, ids).
+
+    Raises:
+        DataPrepError: bad settings, no usable text, or a vocabulary the corpus cannot support
+            (the message gives the largest size that works).
+    """
+    import sentencepiece as spm
+
+    opts = read_options or ReadOptions()
+    opts.validate()
+    if model_type not in MODEL_TYPES:
+        raise DataPrepError(f"--model-type {model_type!r}: choose one of {', '.join(MODEL_TYPES)}")
+    if normalization not in NORMALIZATIONS:
+        raise DataPrepError(f"--normalization {normalization!r}: choose one of "
+                            f"{', '.join(NORMALIZATIONS)}")
+    min_vocab = 4 + 256 + 1
+    if vocab_size < min_vocab:
+        raise DataPrepError(f"--vocab-size {vocab_size} is too small: the 4 special pieces and the "
+                            f"256 byte-fallback pieces need {min_vocab - 1}; use at least "
+                            f"{min_vocab} (1000+ for real text)")
+    if max_sentences < 1 or max_sentence_bytes < 16:
+        raise DataPrepError("--max-sentences must be >= 1 and --max-sentence-bytes >= 16")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sources = discover(inputs, opts.input_format)
+    skips = SkipCounter()
+    progress = Progress(total_bytes=sum(s.size for s in sources), desc="tokenizer: reading",
+                        quiet=quiet)
+    try:
+        sentences, counts = _sample_sentences(sources, opts, skips, max_sentences,
+                                              max_sentence_bytes, seed, progress)
+    finally:
+        progress.close()
+    if not sentences:
+        raise DataPrepError(f"no text to train on in {', '.join(map(str, inputs))} "
+                            f"(skips: {skips.as_dict()})")
+
+    settings = dict(
+        vocab_size=vocab_size, model_type=model_type, normalization_rule_name=normalization,
+        byte_fallback=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, split_digits=split_digits,
+        character_coverage=character_coverage, max_sentence_length=max_sentence_bytes,
+        hard_vocab_limit=not soft_vocab_limit, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID,
+        eos_id=EOS_ID, pad_piece=SPECIAL_PIECES["pad"], unk_piece=SPECIAL_PIECES["unk"],
+        bos_piece=SPECIAL_PIECES["bos"], eos_piece=SPECIAL_PIECES["eos"],
+    )
+    threads = num_threads or min(os.cpu_count() or 1, 16)
+    spm.set_random_generator_seed(seed + 1)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".tokenizer-tmp-") as tmp:
+        prefix = os.path.join(tmp, "tokenizer")
+        try:
+            spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_prefix=prefix,
+                                           num_threads=threads, minloglevel=2,
+                                           **settings)
+        except RuntimeError as e:
+            m = _TOO_HIGH.search(str(e))
+            if m:
+                raise DataPrepError(
+                    f"--vocab-size {vocab_size} is more than this corpus supports "
+                    f"({counts['sentences_used']} training chunks give at most {m.group(2)} "
+                    f"pieces): use --vocab-size {m.group(2)} or less, add text, or pass "
+                    f"--soft-vocab-limit to accept fewer pieces") from e
+            raise DataPrepError(f"SentencePiece training failed: {e}") from e
+        sp = spm.SentencePieceProcessor(model_file=prefix + ".model")
+        _check_ids(sp, prefix + ".model")
+        os.replace(prefix + ".model", out / "tokenizer.model")
+        os.replace(prefix + ".vocab", out / "tokenizer.vocab")
+    byte_ids = [i for i in range(sp.get_piece_size()) if sp.is_byte(i)]
+    info = {
+        "format_version": TOKENIZER_FORMAT_VERSION,
+        "model": "tokenizer.model",
+        "sha256": file_sha256(out / "tokenizer.model"),
+        "piece_count": int(sp.get_piece_size()),
+        "requested_vocab_size": vocab_size,
+        "pad_id": PAD_ID, "unk_id": UNK_ID, "bos_id": BOS_ID, "eos_id": EOS_ID,
+        "byte_fallback_ids": [min(byte_ids), max(byte_ids)] if byte_ids else None,
+        "settings": settings,
+        "sampling": {"max_sentences": max_sentences, "max_sentence_bytes": max_sentence_bytes,
+                     "seed": seed, **counts},
+        "read_options": _opts_dict(opts),
+        "inputs": [str(p) for p in inputs],
+        "skipped": skips.as_dict(),
+        "argv": argv,
+    }
+    tmp_json = out / ".tokenizer.json.tmp"
+    tmp_json.write_text(json.dumps(info, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp_json, out / "tokenizer.json")
+    info["skip_summary"] = skips.summary_lines()
+    return info
+
+
+def _opts_dict(opts: ReadOptions) -> Dict:
+    return {"doc_sep": opts.doc_sep, "text_key": opts.text_key, "errors": opts.errors,
+            "strict": opts.strict, "max_line_bytes": opts.max_line_bytes,
+            "input_format": opts.input_format}
+
+
+def _check_ids(sp, path) -> None:
+    want = {PAD_ID: "<pad>", UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}
+    for i, piece in want.items():
+        if sp.id_to_piece(i) != piece:
+            raise DataPrepError(f"{path}: id {i} is {sp.id_to_piece(i)!r}, expected {piece!r}")
+
+
+def load_tokenizer(model_path: os.PathLike):
+    """Load ``tokenizer.model`` and check the fixed special ids.
+
+    Returns:
+        ``(processor, sha256, piece_count)``.
+
+    Raises:
+        DataPrepError: missing file, not a SentencePiece model, or ids other than 0..3 for
+            pad/unk/bos/eos (train it with ``llp-prep tokenizer``).
+    """
+    import sentencepiece as spm
+
+    p = Path(model_path)
+    if p.is_dir():
+        p = p / "tokenizer.model"
+    if not p.is_file():
+        raise DataPrepError(f"tokenizer {str(model_path)!r} not found (train one with "
+                            f"`llp-prep tokenizer`)")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(p))
+    except Exception as e:  # sentencepiece raises OSError/RuntimeError on a bad file
+        raise DataPrepError(f"{p}: not a SentencePiece model ({e})") from e
+    _check_ids(sp, p)
+    return sp, file_sha256(p), int(sp.get_piece_size())
