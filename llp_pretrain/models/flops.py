@@ -16,13 +16,12 @@ def _causal_pairs(n: int) -> int:
     return n * (n + 1) // 2
 
 
-def _attn_layer_flops(cfg: ModelConfig, rows_q: int, rows_kv: int, rows_out: int,
-                      pairs: int) -> float:
+def _linear_layer_flops(cfg: ModelConfig, rows_q: int, rows_kv: int, rows_out: int) -> float:
     D = cfg.d_model
     kv = 1 if cfg.shared_kv else 2
     proj = 2 * D * D * (rows_q + kv * rows_kv + rows_out)
     mlp = 2 * 2 * cfg.mlp_ratio * D * D * rows_out
-    return proj + mlp + 4 * D * pairs
+    return proj + mlp
 
 
 def visible_pairs(cfg: ModelConfig, N: int, layer: int) -> int:
@@ -55,28 +54,38 @@ def visible_pairs(cfg: ModelConfig, N: int, layer: int) -> int:
     raise ValueError(f"unknown variant {v!r}")
 
 
-def forward_flops(cfg: ModelConfig, N: int) -> float:
-    """Forward FLOPs of one ``N``-token window (batch 1)."""
+def forward_flops_breakdown(cfg: ModelConfig, N: int) -> dict:
+    """Forward FLOPs of one ``N``-token window (batch 1): ``{"linear": ..., "attention": ...}``.
+
+    ``linear``: projections, MLPs, the compressed-history ``Linear(h, c)`` (twice with the
+    default ``compress`` residual) and the output head; ``attention``: ``4 D`` per visible pair.
+    """
     v, D = cfg.variant, cfg.d_model
-    total = 0.0
+    linear = attention = 0.0
     m = min(cfg.latent_len or N, N)
     h = N - m
     for i in range(cfg.n_layers):
-        pairs = visible_pairs(cfg, N, i)
+        attention += 4 * D * visible_pairs(cfg, N, i)
         if v in ("gpt", "llp", "history_self_attention", "segmented_history"):
-            total += _attn_layer_flops(cfg, N, N, N, pairs)
+            linear += _linear_layer_flops(cfg, N, N, N)
         elif v == "perceiver_ar":
-            rows_kv = N if i == 0 else m
-            total += _attn_layer_flops(cfg, m, rows_kv, m, pairs)
+            linear += _linear_layer_flops(cfg, m, N if i == 0 else m, m)
         elif v == "compressed_history":
             c = cfg.compression_len
             if i == 0:
-                total += _attn_layer_flops(cfg, N, N, c + m, pairs) + 2 * h * c * D
+                n_proj = 2 if cfg.compressed_history_residual == "compress" else 1
+                linear += _linear_layer_flops(cfg, N, N, c + m) + n_proj * 2 * h * c * D
             else:
-                total += _attn_layer_flops(cfg, c + m, c + m, c + m, pairs)
+                linear += _linear_layer_flops(cfg, c + m, c + m, c + m)
     out_rows = N if v in ("gpt", "llp") else m
-    total += 2 * D * cfg.vocab_size * out_rows
-    return total
+    linear += 2 * D * cfg.vocab_size * out_rows
+    return {"linear": linear, "attention": attention}
+
+
+def forward_flops(cfg: ModelConfig, N: int) -> float:
+    """Forward FLOPs of one ``N``-token window (batch 1)."""
+    b = forward_flops_breakdown(cfg, N)
+    return b["linear"] + b["attention"]
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
