@@ -398,12 +398,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: Optional[List[
 
     # data: manifest and tokenizer
     manifest = None
-    if data is not None and check_data:
+    data_raw = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    data_path = data.path if data is not None else data_raw.get("path")
+    if isinstance(data_path, str) and check_data:  # checked even when other data keys are wrong
         try:
-            manifest = read_manifest(data.path)
+            manifest = read_manifest(data_path)
         except (FileNotFoundError, ValueError) as e:
             problems.append(("data.path", str(e)))
-        if data.tokenizer and not Path(data.tokenizer).is_file():
+        if data is not None and data.tokenizer and not Path(data.tokenizer).is_file():
             problems.append(("data.tokenizer", f"{data.tokenizer}: no such file"))
 
     # model
@@ -416,8 +418,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: Optional[List[
             piece_count = manifest.get("tokenizer", {}).get("piece_count")
         if model_raw.get("vocab_size") == "auto":
             if piece_count is None:
-                problems.append(("model.vocab_size", "'auto' needs data.path with a manifest giving the tokenizer's piece_count"))
-                model_raw.pop("vocab_size")
+                problems.append(("model.vocab_size", "'auto' needs data.path with a manifest giving the tokenizer's "
+                                 "piece_count; give a number or fix data.path"))
+                model_raw["vocab_size"] = 1 << 16  # placeholder so the other model keys are still checked
             else:
                 model_raw["vocab_size"] = int(piece_count)
         try:
@@ -435,7 +438,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Optional[List[
         if model is not None and manifest is not None:
             if int(manifest.get("seq_len", -1)) != int(model.seq_len):
                 problems.append(("model.seq_len", f"{model.seq_len} differs from the shards' seq_len "
-                                 f"{manifest.get('seq_len')} ({Path(data.path) / 'manifest.json'}); "
+                                 f"{manifest.get('seq_len')} ({Path(data_path) / 'manifest.json'}); "
                                  "re-shard with `llp-prep shard --seq-len` or change model.seq_len"))
             if piece_count is not None and int(model.vocab_size) < int(piece_count):
                 problems.append(("model.vocab_size", f"{model.vocab_size} is smaller than the tokenizer's piece count "
@@ -456,8 +459,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: Optional[List[
         if sp > 1 and model is not None and getattr(model, "variant", None) != "llp":
             problems.append(("parallel.sequence_parallel_size",
                              f"{sp} > 1 needs model.variant: llp (got {getattr(model, 'variant', None)!r})"))
-    if train is not None and dp is not None:
-        mb, ga, gb = train.micro_batch_size, train.grad_accum_steps, train.global_batch_size
+    train_raw = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    batch_fields = {k: (getattr(train, k) if train is not None else train_raw.get(k))
+                    for k in ("micro_batch_size", "grad_accum_steps", "global_batch_size")}
+    batch_ok = isinstance(batch_fields["micro_batch_size"], int) and all(
+        v is None or (isinstance(v, int) and v > 0) for v in batch_fields.values())
+    if batch_ok and dp is not None:  # checked even when other train keys are wrong
+        mb, ga, gb = (batch_fields[k] for k in ("micro_batch_size", "grad_accum_steps", "global_batch_size"))
         if ga is None and gb is None:
             ga = 1
         if ga is None:
@@ -472,9 +480,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: Optional[List[
             problems.append(("train.global_batch_size",
                              f"{gb} != micro_batch_size * grad_accum_steps * data_parallel_size = "
                              f"{mb} * {ga} * {dp} = {mb * ga * dp}"))
-        elif ga is not None:
+        elif ga is not None and train is not None:
             train.grad_accum_steps = ga
             train.global_batch_size = gb
+    if train is not None:
         if train.min_lr > train.lr:
             problems.append(("train.min_lr", f"{train.min_lr} is above train.lr {train.lr}"))
 

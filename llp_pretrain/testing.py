@@ -86,3 +86,53 @@ def write_tiny_dataset(out_dir: str | os.PathLike, seq_len: int, train_samples: 
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / "manifest.json")
     return manifest
+
+
+def tiny_run_config(data_dir: str, output_dir: str, **sections) -> Dict:
+    """A raw run-config dict for a tiny LLP on a :func:`write_tiny_dataset` directory; ``sections``
+    update the ``model``/``data``/``train``/... sections (e.g. ``train={"max_steps": 4}``)."""
+    cfg = {
+        "model": {"variant": "llp", "vocab_size": "auto", "d_model": 32, "n_heads": 2, "n_layers": 2,
+                  "seq_len": 16, "segment_len": 4},
+        "data": {"path": str(data_dir), "num_workers": 0, "shuffle_buffer": 8, "val_samples": 4},
+        "train": {"max_steps": 4, "micro_batch_size": 2, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2,
+                  "log_interval": 1, "save_interval": 0, "eval_interval": 0, "sample_tokens": 0,
+                  "peak_flops": 1e11},
+        "parallel": {"sequence_parallel_size": 1},
+        "deepspeed": "configs/deepspeed/zero0.json",
+        "run": {"output_dir": str(output_dir)},
+    }
+    for name, upd in sections.items():
+        if isinstance(upd, dict) and isinstance(cfg.get(name), dict):
+            cfg[name] = {**cfg[name], **upd}
+        else:
+            cfg[name] = upd
+    return cfg
+
+
+def _train_many(spec_path: str) -> int:
+    """Run the trainings listed in a JSON spec one after another in this process (under torchrun or
+    alone): ``[{"config": raw_config_dict, "resume": null|"auto"|path, "result": path_prefix}, ...]``.
+    Each rank writes ``<result>.rank<R>.json`` with the :class:`TrainResult` fields."""
+    import dataclasses
+
+    from llp_pretrain.config import load_config
+    from llp_pretrain.engine import train
+
+    jobs = json.loads(Path(spec_path).read_text())
+    for job in jobs:
+        cfg = load_config(raw=job["config"], overrides=job.get("overrides", []))
+        res = train(cfg, resume=job.get("resume"))
+        rank = int(os.environ.get("RANK", "0"))
+        if job.get("result"):
+            Path(f"{job['result']}.rank{rank}.json").write_text(json.dumps(dataclasses.asdict(res)))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "train-many":
+        sys.exit(_train_many(sys.argv[2]))
+    print("usage: python -m llp_pretrain.testing train-many SPEC.json", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,120 @@
+"""Run-config loading: overrides, derived batch sizes, one-pass error reports, shipped configs."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llp_pretrain.cli import main as cli_main
+from llp_pretrain.config import ConfigError, load_config, parse_overrides
+from llp_pretrain.testing import tiny_run_config, write_tiny_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ds")
+    write_tiny_dataset(d, seq_len=16, train_samples=[4, 4], vocab_size=50)
+    return d
+
+
+def test_derives_accumulation_and_fills_deepspeed_json(ds, tmp_path):
+    raw = tiny_run_config(ds, tmp_path / "run", train={"global_batch_size": 16, "micro_batch_size": 2})
+    cfg = load_config(raw=raw, world_size=2)
+    assert cfg.data_parallel_size == 2
+    assert cfg.train.grad_accum_steps == 4
+    assert cfg.model.vocab_size == 50  # vocab_size: auto -> manifest piece_count
+    assert cfg.ds_config["train_batch_size"] == 16
+    assert cfg.ds_config["train_micro_batch_size_per_gpu"] == 2
+    assert cfg.ds_config["gradient_accumulation_steps"] == 4
+    assert cfg.ds_config["zero_optimization"]["stage"] == 0
+
+
+def test_overrides_are_typed_and_nested(ds, tmp_path):
+    raw = tiny_run_config(ds, tmp_path / "run")
+    cfg = load_config(raw=raw, overrides=["train.lr=1e-3", "train.betas=[0.8, 0.9]", "model.n_layers=3",
+                                          "deepspeed=configs/deepspeed/zero2.json"])
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.train.betas == (0.8, 0.9)
+    assert cfg.model.n_layers == 3
+    assert cfg.ds_config["zero_optimization"]["stage"] == 2
+    assert parse_overrides(["a.b=true"]) == [(["a", "b"], True)]
+
+
+def test_all_errors_reported_together_with_lines_and_suggestions(ds, tmp_path):
+    raw = tiny_run_config(ds, tmp_path / "run", model={"seq_len": 32, "segment_len": 4, "vocab_size": 20},
+                          train={"micro_batch_size": 3, "global_batch_size": 8, "wamup_steps": 1,
+                                 "max_steps": "many"})
+    raw["data"]["shufle_buffer"] = 4
+    raw["tarin"] = {}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(ConfigError) as ei:
+        load_config(path, world_size=2)
+    msg = str(ei.value)
+    locs = [loc for loc, _ in ei.value.problems]
+    # unknown keys with the nearest valid name
+    assert "did you mean 'warmup_steps'" in msg and "did you mean 'shuffle_buffer'" in msg and "did you mean 'train'" in msg
+    # wrong type
+    assert any(loc.startswith("train.max_steps") for loc in locs)
+    # cross-field: seq_len vs manifest, vocab vs piece count
+    assert any(loc.startswith("model.seq_len") for loc in locs) and "differs from the shards' seq_len 16" in msg
+    assert any(loc.startswith("model.vocab_size") for loc in locs) and "piece count 50" in msg
+    # every problem names its line in the file
+    assert str(path) in msg and "(line " in msg
+    assert any(loc.startswith("train.global_batch_size") for loc in locs)
+    assert len(ei.value.problems) == 7
+
+
+def test_batch_size_rule(ds, tmp_path):
+    raw = tiny_run_config(ds, tmp_path / "run", train={"micro_batch_size": 2, "grad_accum_steps": 2,
+                                                       "global_batch_size": 6})
+    with pytest.raises(ConfigError) as ei:
+        load_config(raw=raw, world_size=2)
+    assert "6 != micro_batch_size * grad_accum_steps * data_parallel_size = 2 * 2 * 2 = 8" in str(ei.value)
+
+
+def test_layout_rules(ds, tmp_path):
+    raw = tiny_run_config(ds, tmp_path / "run", parallel={"sequence_parallel_size": 2},
+                          model={"variant": "gpt", "segment_len": None})
+    with pytest.raises(ConfigError) as ei:
+        load_config(raw=raw, world_size=3)
+    msg = str(ei.value)
+    assert "does not divide the world size 3" in msg
+    assert "needs model.variant: llp" in msg
+
+
+def test_deepspeed_json_conflicts_with_yaml(ds, tmp_path):
+    js = tmp_path / "ds.json"
+    js.write_text(json.dumps({"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 7,
+                              "optimizer": {"type": "Adam"}}))
+    raw = tiny_run_config(ds, tmp_path / "run", deepspeed=str(js))
+    with pytest.raises(ConfigError) as ei:
+        load_config(raw=raw)
+    msg = str(ei.value)
+    assert "train_micro_batch_size_per_gpu" in msg and "says 7" in msg
+    assert "'optimizer' section" in msg
+
+
+def test_cli_check_config_exit_code_and_message(ds, tmp_path, capsys):
+    raw = tiny_run_config(ds, tmp_path / "run", train={"micro_batch_siz": 2})
+    del raw["train"]["micro_batch_size"]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert cli_main(["check-config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'micro_batch_size'" in err
+    assert "train.micro_batch_size" in err and "required key is missing" in err
+
+
+@pytest.mark.parametrize("name,world", [("configs/quickstart.yaml", 1), ("configs/llp_125m.yaml", 8),
+                                        ("configs/llp_350m.yaml", 16), ("configs/llp_1.3b.yaml", 64)])
+def test_shipped_configs_validate(name, world):
+    sets = ["model.vocab_size=2000"] if "quickstart" in name else []
+    cfg = load_config(name, sets, world_size=world, check_data=False)
+    assert cfg.model.variant == "llp"
+    t = cfg.train
+    assert t.global_batch_size == t.micro_batch_size * t.grad_accum_steps * cfg.data_parallel_size
+    if name != "configs/quickstart.yaml":
+        assert 8192 <= cfg.model.seq_len <= 32768
