@@ -9,8 +9,11 @@ Public API (see ``docs/sequence_parallel.md``):
 * :func:`local_chunk`, :func:`check_divisible`: this rank's share of a batch.
 * :func:`sequence_parallel_lm_loss`: loss and token count reduced over the group;
   :func:`check_sequence_parallel_variant` refuses ``P > 1`` for non-LLP variants.
+* :func:`engine_context` -> :class:`EngineSequenceParallel`: the plug the training engine calls
+  (``engine.build_parallel_context``).
 """
 from .chunking import LocalChunk, check_divisible, local_chunk
+from .engine_glue import EngineSequenceParallel, engine_context
 from .groups import SequenceParallelGroups, Topology, initialize_sequence_parallel, make_topology
 from .halo import CommCounter, CommRecord, SequenceParallelContext
 from .loss import (
@@ -22,6 +25,7 @@ from .loss import (
 __all__ = [
     "CommCounter",
     "CommRecord",
+    "EngineSequenceParallel",
     "LocalChunk",
     "SEQUENCE_PARALLEL_VARIANTS",
     "SequenceParallelContext",
@@ -29,6 +33,7 @@ __all__ = [
     "Topology",
     "check_divisible",
     "check_sequence_parallel_variant",
+    "engine_context",
     "initialize_sequence_parallel",
     "local_chunk",
     "make_topology",

@@ -1,0 +1,120 @@
+"""What the training engine needs from sequence parallelism (``engine.build_parallel_context``).
+
+The engine (``llp_pretrain/engine.py``) calls :func:`engine_context` once when
+``parallel.sequence_parallel_size > 1`` and then, per micro-batch, in ``compute_loss``::
+
+    loss_sum, n = lm_loss(model, sp.local_chunk(tokens), seq_parallel=sp.seq_parallel)
+    loss_sum, n = sp.reduce_loss(loss_sum, n)
+
+and passes ``sp.mpu`` to ``deepspeed.initialize``. :class:`EngineSequenceParallel` implements
+that: ``local_chunk`` starts a fresh halo-exchange context for the micro-batch and returns this
+rank's window ``tokens[:, o : o + N/P + 1]``; ``seq_parallel`` (the object itself) forwards
+``position_offset``/``exchange_halo`` to that context; ``reduce_loss`` adds the halo anchors and
+sums the loss value and token count over the sequence-parallel group while keeping this rank's
+own gradient (see :mod:`~llp_pretrain.parallel.loss`).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .chunking import check_divisible, local_chunk
+from .groups import SequenceParallelGroups, initialize_sequence_parallel
+from .halo import CommCounter, SequenceParallelContext
+from .loss import check_sequence_parallel_variant
+
+
+class EngineSequenceParallel:
+    """Sequence-parallel plug for the engine: ``mpu``, ``seq_parallel``, ``local_chunk``,
+    ``reduce_loss`` (contract in ``engine.SequenceParallelContext``).
+
+    Attributes:
+        mpu: the :class:`SequenceParallelGroups` (DeepSpeed ``mpu``).
+        segment_len: LLP ``L`` (tokens).
+        counter: optional :class:`CommCounter` shared by every micro-batch's exchanges.
+    """
+
+    def __init__(self, groups: SequenceParallelGroups, segment_len: int,
+                 counter: Optional[CommCounter] = None):
+        self.mpu = groups
+        self.segment_len = int(segment_len)
+        self.counter = counter
+        self._ctx: Optional[SequenceParallelContext] = None
+
+    # the engine hands ``seq_parallel`` to the model; it is this object, which forwards to the
+    # current micro-batch's halo context
+    @property
+    def seq_parallel(self) -> "EngineSequenceParallel":
+        return self
+
+    @property
+    def position_offset(self) -> int:
+        """Global position (tokens) of this rank's first input token in the current micro-batch."""
+        return self._current().position_offset
+
+    def exchange_halo(self, k_last, v_last):
+        """See :meth:`SequenceParallelContext.exchange_halo`."""
+        return self._current().exchange_halo(k_last, v_last)
+
+    def local_chunk(self, tokens: torch.Tensor) -> torch.Tensor:
+        """This rank's window ``(B, N/P + 1)`` of whole samples ``(B, N + 1)`` (inputs plus the
+        next token, what ``lm_loss`` takes); starts the micro-batch's halo context.
+
+        Raises:
+            ValueError: ``N`` not divisible by ``P * segment_len``.
+        """
+        g = self.mpu
+        chunk = local_chunk(tokens, g.sp_rank, g.sequence_parallel_size, self.segment_len)
+        n = chunk.input_ids.shape[1]
+        self._ctx = g.context(chunk.position_offset, counter=self.counter)
+        return tokens[:, chunk.position_offset:chunk.position_offset + n + 1]
+
+    def reduce_loss(self, loss_sum: torch.Tensor, n_tokens) -> Tuple[torch.Tensor, int]:
+        """Sum loss and token count over the sequence-parallel group.
+
+        Returns ``(loss_sum, n_tokens)``: the value of ``loss_sum`` is the group's total (the
+        single-rank loss sum of the whole samples); its gradient is this rank's share plus the
+        zero-valued halo anchors that keep every exchange's backward running.
+        """
+        ctx = self._current()
+        local = loss_sum + ctx.halo_loss_term().to(loss_sum.device)
+        totals = torch.stack([local.detach().float(),
+                              torch.tensor(float(n_tokens), device=local.device)])
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=self.mpu.get_sequence_parallel_group())
+        return local + (totals[0] - local.detach()), int(round(totals[1].item()))
+
+    def _current(self) -> SequenceParallelContext:
+        if self._ctx is None:
+            raise RuntimeError(
+                "sequence-parallel context used before local_chunk(tokens) started a micro-batch"
+            )
+        return self._ctx
+
+
+def engine_context(cfg, dist_info) -> EngineSequenceParallel:
+    """Build the process groups and the engine plug for a run (collective: every rank calls it).
+
+    Args:
+        cfg: the validated ``RunConfig`` (``cfg.model`` an LLP ``ModelConfig``,
+            ``cfg.parallel.sequence_parallel_size``).
+        dist_info: the engine's ``DistInfo`` (its ``sp_rank``/``dp_rank`` must agree with
+            :func:`~llp_pretrain.parallel.groups.make_topology`: SP peers are consecutive).
+
+    Raises:
+        ValueError: non-LLP variant with ``P > 1``; ``model.seq_len`` not divisible by
+            ``P * model.segment_len``; a layout disagreeing with the engine's.
+    """
+    p = int(cfg.parallel.sequence_parallel_size)
+    check_sequence_parallel_variant(cfg.model.variant, p)
+    check_divisible(cfg.model.seq_len, p, cfg.model.segment_len)
+    groups = initialize_sequence_parallel(p)
+    t = groups.topology
+    if (t.sp_rank, t.dp_rank) != (dist_info.sp_rank, dist_info.dp_rank):
+        raise ValueError(
+            f"rank {t.rank}: engine layout (sp_rank={dist_info.sp_rank}, "
+            f"dp_rank={dist_info.dp_rank}) disagrees with llp_pretrain.parallel "
+            f"(sp_rank={t.sp_rank}, dp_rank={t.dp_rank}); both must use dp_rank = rank // P"
+        )
+    return EngineSequenceParallel(groups, cfg.model.segment_len)
