@@ -232,3 +232,22 @@ def test_llp_seq_parallel_rejects_partial_segments():
         model(torch.zeros(1, 6, dtype=torch.long), seq_parallel=FakeSeqParallel(0))
     with pytest.raises(ValueError, match="position_offset"):
         model(torch.zeros(1, 4, dtype=torch.long), seq_parallel=FakeSeqParallel(2))
+
+
+def test_llp_halo_with_checkpointing_exchanges_once_and_matches_gradients():
+    L, N = 2, 8
+    model = make("llp", seq_len=N, segment_len=L, n_layers=2, checkpoint_activations=True)
+    model.train()
+    ids = torch.randint(0, 13, (1, N), generator=torch.Generator().manual_seed(9))
+    params = [p for p in model.parameters()]
+    model.cfg.checkpoint_activations = False
+    want = torch.autograd.grad((model(ids) ** 2).sum(), params)
+    model.cfg.checkpoint_activations = True
+    sp0 = FakeSeqParallel(0)
+    out0 = model(ids[:, :N // 2], seq_parallel=sp0)
+    sp1 = FakeSeqParallel(N // 2, sp0)
+    out1 = model(ids[:, N // 2:], seq_parallel=sp1)
+    got = torch.autograd.grad((torch.cat([out0, out1], 1) ** 2).sum(), params)
+    assert len(sp0.sent) == len(sp1.sent) == model.cfg.n_layers  # not again in backward
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
