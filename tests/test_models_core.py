@@ -213,3 +213,25 @@ def test_num_params_counts_every_parameter_once():
                  + 2 * D  # mlp norm
                  + D * r * D + r * D + r * D * D + D)  # mlp
     assert m.num_params() == V * D + 2 * per_layer + 2 * D + V * D + V
+
+
+def test_llp_attention_never_builds_an_n_by_n_problem(monkeypatch):
+    import llp_pretrain.models.layers as layers_mod
+
+    calls = []
+    real = layers_mod.F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append((tuple(q.shape), tuple(k.shape),
+                      None if attn_mask is None else tuple(attn_mask.shape)))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(layers_mod.F, "scaled_dot_product_attention", spy)
+    cfg = cfg_for("llp", seq_len=64, segment_len=8, n_layers=2)
+    build_model(cfg)(torch.randint(0, 17, (2, 64)))
+    assert calls, "attention must go through scaled_dot_product_attention"
+    for q, k, mask in calls:
+        assert q[-2] <= 8 and k[-2] <= 16, (q, k)
+        assert mask in (None, (8, 16))
+    # per layer: one causal call for segment 0 and one batched call for the 7 segment pairs
+    assert len(calls) == 4 and calls[1][0] == (2, 2 * 7, 8, 8)
