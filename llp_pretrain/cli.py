@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="tokenizer + shards + training + eval + sample on the bundled corpus")
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--minutes", type=float, default=None, help="training time budget (default 4 on CPU, 10 on GPU)")
+
+    p = sub.add_parser("compare", help="train several variants side by side; results table and plots")
+    p.add_argument("--config", required=True, help="compare YAML (e.g. configs/compare/kjv_tiny.yaml)")
+    p.add_argument("--variants", default=None, help="comma-separated subset, e.g. llp,perceiver_ar,gpt")
+    p.add_argument("--steps", type=int, default=None, help="training steps per variant (overrides the YAML)")
+    p.add_argument("--out", default=None, help="run directory (default: the YAML's run.output_dir)")
     return ap
 
 
@@ -156,13 +162,22 @@ def _cmd_quickstart(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    from llp_pretrain.compare import run_compare
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    run_compare(args.config, out=args.out, variants=variants, steps=args.steps)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``llp-pretrain`` console script."""
     from llp_pretrain.config import ConfigError
 
     args = build_parser().parse_args(argv)
     handlers = {"train": _cmd_train, "check-config": _cmd_check, "eval": _cmd_eval, "generate": _cmd_generate,
-                "export": _cmd_export, "quickstart": _cmd_quickstart}
+                "export": _cmd_export, "quickstart": _cmd_quickstart,
+                "compare": _cmd_compare}
     try:
         return handlers[args.command](args)
     except ConfigError as e:
