@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split-seed", type=int, default=0)
     s.add_argument("--samples-per-shard", type=int, default=10_000)
     s.add_argument("--workers", type=int, default=1,
-                   help="encoding processes; the output is identical for any value")
+                   help="encoding processes (0: encode in the main process); the main process "
+                        "reads, packs and writes meanwhile. The output is identical for any value")
     s.add_argument("--overwrite", action="store_true",
                    help="replace a different dataset already in --out")
 

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import tarfile
 from collections import deque
 from multiprocessing import get_context
 from pathlib import Path
@@ -32,7 +33,7 @@ from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, load_tokenizer
 DEFAULT_SAMPLES_PER_SHARD = 10_000
 BATCH_CHARS = 1 << 20
 BATCH_MAX_PIECES = 8192
-TAR_MTIME = 0.0              # fixed member mtime: reproducible tars
+TAR_MTIME = 0                # fixed member mtime: reproducible tars (an int: a float forces PAX headers)
 SPLIT_METHOD = "blake2b-64 of 'seed\\0identity\\0ordinal' / 2**64 < val_fraction -> val"
 
 
@@ -135,6 +136,9 @@ class _ShardSink:
         self._hf = _HashingFile(self._file)
         self._tw = wds.TarWriter(self._hf, encoder=False, mtime=TAR_MTIME, user="llp",
                                  group="llp", mode=0o444)
+        # TarWriter computes its (USTAR) format but does not hand it to tarfile.open, which then
+        # defaults to PAX; plain USTAR headers are what it means, and are ~15% faster to write.
+        self._tw.tarstream.format = tarfile.USTAR_FORMAT
         self._n = 0
 
     def write(self, key: str, npy: bytes, meta: bytes) -> None:
@@ -303,7 +307,8 @@ def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.Path
         seq_len: model context in tokens; every sample holds ``seq_len + 1`` token ids.
         val_fraction: expected fraction of documents (by identity hash) in the val split.
         samples_per_shard: samples per tar (the last shard of a split may hold fewer).
-        workers: encoding processes (1 = encode in this process). Never changes the output.
+        workers: encoding processes; the calling process reads, packs and writes meanwhile
+            (0 = encode in the calling process too). Never changes the output.
         read_options: document reading options (``doc_sep``, ``text_key``, ``errors``, ...).
         split_seed: salt of the split hash.
         overwrite: replace a different dataset found in ``out_dir``.
@@ -325,8 +330,8 @@ def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.Path
         raise DataPrepError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if samples_per_shard < 1:
         raise DataPrepError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
-    if workers < 1:
-        raise DataPrepError(f"--workers must be >= 1, got {workers}")
+    if workers < 0:
+        raise DataPrepError(f"--workers must be >= 0, got {workers}")
     model_path = Path(tokenizer)
     if model_path.is_dir():
         model_path = model_path / "tokenizer.model"
@@ -365,7 +370,7 @@ def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.Path
     progress = Progress(total_bytes=sum(s.size for s in sources), desc="shard", quiet=quiet)
     pool = None
     try:
-        if workers > 1:
+        if workers > 0:
             ctx = get_context("spawn" if os.name != "posix" else "fork")
             pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(model_path),))
         else:
@@ -481,7 +486,7 @@ def _run_pipeline(sources, opts, skips, progress, pool, workers, packers, source
     window: Deque = deque()
     for texts, meta in batches:
         window.append((meta, pool.apply_async(_encode_batch, (texts, [m[2] for m in meta]))))
-        while len(window) > 2 * workers:
+        while len(window) > 2 * workers + 1:
             m, r = window.popleft()
             consume(m, r.get())
     while window:
