@@ -259,3 +259,33 @@ def test_killed_run_is_redone_cleanly_by_the_same_command(env, tmp_path):
     assert m["totals"]["train"]["samples"] > 1000 and m["totals"]["val"]["samples"] > 0
     argv = m["command"]["argv"]
     assert argv[0] == "shard" and "--quiet" not in argv and "--workers" not in argv
+
+
+def test_documents_streamed_in_pieces_stay_lossless(env, tmp_path, monkeypatch):
+    from data_prep import inputs as inputs_mod
+
+    monkeypatch.setattr(inputs_mod, "PIECE_CHARS", 40)
+    monkeypatch.setattr(shards_mod, "PIECE_CHARS", 40)
+    d = tmp_path / "c"
+    d.mkdir()
+    long_doc = "".join(f"line {i}\twith  spaces é 中 😀\n" for i in range(60)) + "no newline " * 30
+    (d / "long.txt").write_text(long_doc, encoding="utf-8")
+    (d / "one_line.txt").write_text("x" * 1000 + " end", encoding="utf-8")
+    m = build_shards([str(d)], env["model"], tmp_path / "ds", seq_len=16, val_fraction=0.0)
+    samples, _ = read_split(tmp_path / "ds", m, "train")
+    stream = np.concatenate([samples[0][1]] + [a[1:] for _, a, _ in samples[1:]])
+    sp = spm.SentencePieceProcessor(model_file=str(env["model"]))
+    cut = int(np.flatnonzero(stream == 3)[0])
+    assert sp.decode(stream[:cut].tolist()) == long_doc
+    assert m["totals"]["train"]["text_bytes"] == len(long_doc.encode()) + 1004
+    assert m["totals"]["train"]["documents"] == 2
+
+
+def test_token_dtype_follows_piece_count():
+    assert shards_mod.token_dtype(65536) == np.uint16
+    assert shards_mod.token_dtype(65537) == np.uint32
+    for dt in (np.uint16, np.uint32):
+        arr = np.arange(9, dtype=dt) * 7000
+        blob = shards_mod.npy_header(9, np.dtype(dt)) + arr.tobytes()
+        back = np.load(io.BytesIO(blob))
+        assert back.dtype == dt and back.tolist() == arr.tolist()
