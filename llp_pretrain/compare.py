@@ -16,8 +16,9 @@ positions of any selected variant (``latent_len`` for the PerceiverAR family, ``
 ``eval/loss``, ``eval/ppl`` and ``eval/bits_per_byte``, and every number of the results table is
 read back from those TensorBoard runs.
 
-Outputs in the run directory: ``results.json``, ``results.md``, ``loss_curves.png`` (train and val
-loss against training tokens), ``cost_vs_seq_len.png`` (median forward+backward step time of one
+Outputs in the run directory: ``results.json``, ``results.md``, ``loss_curves.png`` (train loss and the
+in-training validation loss, ``train/loss`` and ``val/loss`` of the TensorBoard runs, against training
+tokens; the table's validation numbers are the final strided evaluation), ``cost_vs_seq_len.png`` (median forward+backward step time of one
 window against ``seq_len``, measured in this process for every variant side by side). The PNGs carry
 the plotted series as JSON in the PNG text chunk ``llp-pretrain:series``.
 """
@@ -549,9 +550,6 @@ def run_compare(config: str, out: Optional[str] = None, variants: Optional[Seque
         }
         curves[v] = {"train": [(s * tok_per_step, x) for s, x in sc.get("train/loss", [])],
                      "val": [(s * tok_per_step, x) for s, x in sc.get("val/loss", [])]}
-        if rows[v]["val_loss"] is not None:
-            curves[v]["val"] = [p for p in curves[v]["val"] if p[0] != steps_done * tok_per_step]
-            curves[v]["val"].append((steps_done * tok_per_step, rows[v]["val_loss"]))
 
     plot_loss_curves(curves, run_dir / "loss_curves.png")
     plot_cost(cost, run_dir / "cost_vs_seq_len.png")
@@ -578,7 +576,7 @@ def run_compare(config: str, out: Optional[str] = None, variants: Optional[Seque
 
 def render_markdown(results: Dict[str, Any]) -> str:
     """The ``results.md`` table (one row per variant) and the verdict lines."""
-    head = ("| variant | d_model | params | attn GFLOPs/token | train tokens | s/step | tokens/s | peak mem GB | "
+    head = ("| variant | d_model | params | attn MFLOPs/token | train tokens | s/step | tokens/s | peak mem GB | "
             "val loss | val ppl | bits/byte |")
     lines = [f"# Variant comparison (seq_len {results['seq_len']})", "",
              f"Validation: strided evaluation of the `val` split, last "
@@ -587,7 +585,7 @@ def render_markdown(results: Dict[str, Any]) -> str:
              head, "|" + "---|" * 11]
     for r in results["variants"].values():
         lines.append(
-            f"| {r['variant']} | {r['d_model']} | {r['params']:,} | {r['attention_flops_per_token'] / 1e9:.4f} | "
+            f"| {r['variant']} | {r['d_model']} | {r['params']:,} | {r['attention_flops_per_token'] / 1e6:.4g} | "
             f"{r['train_tokens']:,} | {_fmt(r['step_time_s'], '.3f')} | {_fmt(r['tokens_per_sec'], ',.0f')} | "
             f"{_fmt(r['peak_memory_gb'], '.2f')} | {_fmt(r['val_loss'], '.4f')} | {_fmt(r['val_ppl'], '.3f')} | "
             f"{_fmt(r['val_bits_per_byte'], '.4f')} |")
