@@ -427,8 +427,11 @@ def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.Path
     return manifest
 
 
-def _batches(doc_iter, sources, source_docs, val_fraction, split_seed):
-    """Group document pieces into batches; assign document ids and splits (in input order)."""
+def _batches(doc_iter, sources, source_docs, val_fraction, split_seed, read_bytes):
+    """Group document pieces into batches; assign document ids and splits (in input order).
+
+    Yields ``(texts, meta, input_bytes)``; ``read_bytes[0]`` accumulates the on-disk bytes read
+    (taken and reset per batch, so the progress bar advances when a batch is done, not read)."""
     texts: List[str] = []
     meta: List[tuple] = []
     chars = 0
@@ -445,17 +448,18 @@ def _batches(doc_iter, sources, source_docs, val_fraction, split_seed):
         new_doc = last
         chars += len(piece)
         if chars >= BATCH_CHARS or len(texts) >= BATCH_MAX_PIECES:
-            yield texts, meta
+            nbytes, read_bytes[0] = read_bytes[0], 0
+            yield texts, meta, nbytes
             texts, meta, chars = [], [], 0
-    if texts:
-        yield texts, meta
+    nbytes, read_bytes[0] = read_bytes[0], 0
+    yield texts, meta, nbytes
 
 
 def _run_pipeline(sources, opts, skips, progress, pool, workers, packers, source_docs,
                   val_fraction, split_seed) -> None:
     doc_offset = {s: 0 for s in SPLITS}
 
-    def consume(meta, result):
+    def consume(meta, input_bytes, result):
         arr, ntok, nbytes, nunk, nbyte = result
         ends = np.cumsum(ntok)
         pos = 0
@@ -474,21 +478,27 @@ def _run_pipeline(sources, opts, skips, progress, pool, workers, packers, source
         n_tok = int(ends[-1]) if len(ends) else 0
         progress.add_docs(sum(1 for m in meta if m[2]))
         progress.add_tokens(n_tok)
+        progress.add_bytes(input_bytes)
         for p in packers.values():
             p.emit()
 
-    batches = _batches(iter_documents(sources, opts, skips, progress.add_bytes), sources,
-                       source_docs, val_fraction, split_seed)
+    read_bytes = [0]
+
+    def on_read(n: int) -> None:
+        read_bytes[0] += n
+
+    batches = _batches(iter_documents(sources, opts, skips, on_read), sources,
+                       source_docs, val_fraction, split_seed, read_bytes)
     if pool is None:
-        for texts, meta in batches:
-            consume(meta, _encode_batch(texts, [m[2] for m in meta]))
+        for texts, meta, nb in batches:
+            consume(meta, nb, _encode_batch(texts, [m[2] for m in meta]))
         return
     window: Deque = deque()
-    for texts, meta in batches:
-        window.append((meta, pool.apply_async(_encode_batch, (texts, [m[2] for m in meta]))))
+    for texts, meta, nb in batches:
+        window.append((meta, nb, pool.apply_async(_encode_batch, (texts, [m[2] for m in meta]))))
         while len(window) > 2 * workers + 1:
-            m, r = window.popleft()
-            consume(m, r.get())
+            m, b, r = window.popleft()
+            consume(m, b, r.get())
     while window:
-        m, r = window.popleft()
-        consume(m, r.get())
+        m, b, r = window.popleft()
+        consume(m, b, r.get())
