@@ -10,7 +10,8 @@ def lm_loss(model, tokens: torch.Tensor, **forward_kwargs):
 
     Inputs are ``tokens[:, :N]``; the logit at input position ``i`` is scored against token
     ``i + 1``, exactly once, for each ``i`` in ``model.trained_positions(N)``.
-    ``forward_kwargs`` go to ``model.forward`` (e.g. ``seq_parallel``).
+    ``forward_kwargs`` go to ``model.forward`` (e.g. ``seq_parallel``). ``model`` may be a
+    wrapper (DDP, DeepSpeed engine) whose ``.module`` is the ``LMModel``.
     Returns ``(loss_sum, n_tokens)``: a scalar fp32 tensor (nats) and an int.
     Raises ``ValueError`` if ``tokens`` is not 2-D with at least 2 columns.
     """
@@ -19,7 +20,8 @@ def lm_loss(model, tokens: torch.Tensor, **forward_kwargs):
     N = tokens.shape[1] - 1
     inputs = tokens[:, :N]
     logits = model(inputs, **forward_kwargs)
-    sl = model.trained_positions(N)
+    inner = model if hasattr(model, "trained_positions") else getattr(model, "module", model)
+    sl = inner.trained_positions(N)  # also through wrappers such as a DeepSpeed engine
     targets = tokens[:, 1:][:, sl]
     if logits.shape[:2] != targets.shape:
         raise ValueError(
