@@ -68,7 +68,7 @@ if [ -n "$HOSTFILE" ]; then
       llp_die "$HOSTFILE: the first host '$MASTER' is the master, but remote hosts cannot reach it by that name; list this machine by its network name";; esac
     fi
   fi
-  "$PYTHON" -m llp_pretrain.launch_utils layout --config "$CONFIG" --nnodes "$N" --nproc-per-node "${SLOTS[0]}" \
+  "$PYTHON" -m llp_pretrain.launch_utils layout ${LLP_SKIP_CONFIG_CHECK:+--no-config-check} --config "$CONFIG" --nnodes "$N" --nproc-per-node "${SLOTS[0]}" \
     --hosts "$(IFS=,; echo "${HOSTS[*]}")" --master-addr "$MASTER" --master-port "$PORT" \
     --backend "$(llp_backend_for "$(llp_gpu_count)")" --launcher "multinode.sh/hostfile" -- "${TRAIN_ARGS[@]}" || exit 2
 
@@ -127,7 +127,7 @@ GPUS=$(llp_gpu_count)
 if [ -z "$NPROC" ]; then NPROC=$(( GPUS > 0 ? GPUS : 1 )); fi
 llp_is_uint "$NPROC" && [ "$NPROC" -ge 1 ] || llp_die "--nproc-per-node must be a positive integer, got '$NPROC'"
 
-"$PYTHON" -m llp_pretrain.launch_utils layout --config "$CONFIG" --nnodes "$NNODES" --nproc-per-node "$NPROC" \
+"$PYTHON" -m llp_pretrain.launch_utils layout ${LLP_SKIP_CONFIG_CHECK:+--no-config-check} --config "$CONFIG" --nnodes "$NNODES" --nproc-per-node "$NPROC" \
   --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR_ARG" --master-port "$PORT" \
   --backend "$(llp_backend_for "$GPUS")" --launcher "multinode.sh node $NODE_RANK on $(hostname)" \
   -- "${TRAIN_ARGS[@]}" || exit 2

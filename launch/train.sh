@@ -52,7 +52,7 @@ if [ "$GPUS" -gt 0 ] && [ "$NPROC" -gt "$GPUS" ]; then
   llp_die "--nproc $NPROC but this node has $GPUS GPU(s); use --nproc $GPUS or fewer"
 fi
 
-"$PYTHON" -m llp_pretrain.launch_utils layout --config "$CONFIG" --nnodes 1 --nproc-per-node "$NPROC" \
+"$PYTHON" -m llp_pretrain.launch_utils layout ${LLP_SKIP_CONFIG_CHECK:+--no-config-check} --config "$CONFIG" --nnodes 1 --nproc-per-node "$NPROC" \
   --hosts "$(hostname)" --backend "$BACKEND" --launcher "train.sh/$([ "$NPROC" = 1 ] && echo single || echo "$LAUNCHER")" \
   -- "${TRAIN_ARGS[@]}" || exit 2
 

@@ -10,13 +10,16 @@ Command line (used by the shell launchers, handy for users too)::
     python -m llp_pretrain.launch_utils first-host "$SLURM_JOB_NODELIST"   # scontrol, else Python
     python -m llp_pretrain.launch_utils master-port "$SLURM_JOB_ID"        # port from the job id
     python -m llp_pretrain.launch_utils hostfile launch/hostfile.example   # "host slots" per line
+    python -m llp_pretrain.launch_utils fit-workers --config C.yaml --cpus-per-process 8 [-- --set ...]
     python -m llp_pretrain.launch_utils layout --config C.yaml --nnodes 2 --nproc-per-node 8 \\
         [--hosts a,b] [--master-addr A --master-port P] [--backend nccl] [--set k=v ...]
 
-``layout`` prints the resolved world layout and exits with status 2 (message on stderr) when the
-layout cannot work with the config: world size not divisible by ``parallel.sequence_parallel_size``,
+``layout`` prints the resolved world layout, then validates the whole run config for that world
+size with the training CLI's loader, and exits with status 2 (message on stderr) when the layout
+cannot work with the config: world size not divisible by ``parallel.sequence_parallel_size``,
 fewer processes than the sequence-parallel size, or a ``train.global_batch_size`` that the
-data-parallel size cannot reach with ``train.micro_batch_size`` (and ``train.grad_accum_steps``).
+data-parallel size cannot reach with ``train.micro_batch_size`` (and ``train.grad_accum_steps``),
+or any other problem :func:`llp_pretrain.config.load_config` reports.
 """
 from __future__ import annotations
 
@@ -42,6 +45,8 @@ __all__ = [
     "read_layout_settings",
     "resolve_layout",
     "format_layout",
+    "fit_data_workers",
+    "validate_run_config",
     "main",
 ]
 
@@ -179,12 +184,10 @@ def master_port_from_job_id(job_id: "int | str", base: int = PORT_BASE, span: in
     and the port never falls in Linux's ephemeral range. Array jobs pass ``SLURM_JOB_ID`` (unique
     per array task). Raises :class:`LaunchError` for a non-numeric id or a range outside 1024-65535.
     """
-    try:
-        jid = int(str(job_id).strip())
-    except ValueError:
-        raise LaunchError(f"SLURM job id {job_id!r} is not a number") from None
-    if jid < 0:
-        raise LaunchError(f"SLURM job id {job_id!r} is negative")
+    text = str(job_id).strip()
+    if not (text.isascii() and text.isdigit()):
+        raise LaunchError(f"SLURM job id {job_id!r} is not a number (use SLURM_JOB_ID, not SLURM_ARRAY_JOB_ID_TASK)")
+    jid = int(text)
     if base < 1024 or base + span > 65536 or span < 1:
         raise LaunchError(f"port range [{base}, {base + span}) is outside 1024-65535")
     return base + jid % span
@@ -263,24 +266,22 @@ class WorldLayout:
         return range(node_rank * self.nproc_per_node, (node_rank + 1) * self.nproc_per_node)
 
 
-def _apply_set(cfg: dict, assignment: str) -> None:
-    """Apply one ``key.sub=value`` override (value parsed as YAML) to a nested dict, in place."""
-    import yaml
+def _apply_overrides(cfg: dict, assignments: Sequence[str]) -> None:
+    """Apply ``key.sub=value`` overrides to a nested dict in place, parsed by the run config's own
+    :func:`llp_pretrain.config.parse_overrides` (values are YAML scalars)."""
+    from llp_pretrain.config import ConfigError, parse_overrides
 
-    if "=" not in assignment:
-        raise LaunchError(f"--set {assignment!r}: expected key.sub=value")
-    key, value = assignment.split("=", 1)
-    parts = [k for k in key.strip().split(".")]
-    if not all(parts):
-        raise LaunchError(f"--set {assignment!r}: empty key component")
-    node = cfg
-    for k in parts[:-1]:
-        nxt = node.get(k)
-        if not isinstance(nxt, dict):
-            nxt = {}
-            node[k] = nxt
-        node = nxt
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    try:
+        parsed = parse_overrides(list(assignments))
+    except ConfigError as exc:
+        raise LaunchError(str(exc)) from None
+    for path, value in parsed:
+        node = cfg
+        for k in path[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[path[-1]] = value
 
 
 def extract_set_args(args: Sequence[str]) -> List[str]:
@@ -309,7 +310,7 @@ def extract_set_args(args: Sequence[str]) -> List[str]:
 def read_layout_settings(config: "str | os.PathLike", overrides: Sequence[str] = ()) -> Dict[str, Optional[int]]:
     """Read the settings a launcher checks from a run YAML plus ``--set`` overrides.
 
-    Returns ``{"sequence_parallel_size", "global_batch_size", "micro_batch_size",
+    Returns ``{"sequence_parallel_size", "num_workers", "global_batch_size", "micro_batch_size",
     "grad_accum_steps"}`` (``sequence_parallel_size`` defaults to 1, the others to ``None`` when
     absent). Only these keys are read here; the training CLI validates the whole config.
     Raises :class:`LaunchError` naming the file if it is missing, not YAML, or a value is not an
@@ -328,8 +329,7 @@ def read_layout_settings(config: "str | os.PathLike", overrides: Sequence[str] =
         raise LaunchError(f"config {p} is not valid YAML: {exc}") from None
     if not isinstance(cfg, dict):
         raise LaunchError(f"config {p}: top level must be a mapping with sections model/data/train/...")
-    for a in overrides:
-        _apply_set(cfg, a)
+    _apply_overrides(cfg, overrides)
 
     def get(section: str, key: str):
         sec = cfg.get(section) or {}
@@ -345,6 +345,7 @@ def read_layout_settings(config: "str | os.PathLike", overrides: Sequence[str] =
     sp = get("parallel", "sequence_parallel_size")
     return {
         "sequence_parallel_size": 1 if sp is None else sp,
+        "num_workers": get("data", "num_workers"),
         "global_batch_size": get("train", "global_batch_size"),
         "micro_batch_size": get("train", "micro_batch_size"),
         "grad_accum_steps": get("train", "grad_accum_steps"),
@@ -420,6 +421,18 @@ def resolve_layout(
     )
 
 
+def fit_data_workers(requested: Optional[int], cpus_per_process: int, default: int = 1) -> int:
+    """Dataloader workers per process that fit the CPUs a scheduler gave each process.
+
+    Each process keeps one CPU for itself, so at most ``cpus_per_process - 1`` workers;
+    ``requested`` (the config's ``data.num_workers``, ``default`` when unset) is lowered to that,
+    never raised. Raises :class:`LaunchError` for ``cpus_per_process < 1``."""
+    if cpus_per_process < 1:
+        raise LaunchError(f"cpus per process must be at least 1, got {cpus_per_process}")
+    want = default if requested is None else requested
+    return max(0, min(want, cpus_per_process - 1))
+
+
 def format_layout(layout: WorldLayout, launcher: str = "", node_rank: Optional[int] = None) -> str:
     """Human-readable world layout, one ``[llp-launch]`` line each (what every launcher prints)."""
     tag = "[llp-launch]"
@@ -447,6 +460,22 @@ def format_layout(layout: WorldLayout, launcher: str = "", node_rank: Optional[i
     return "\n".join(lines)
 
 
+def validate_run_config(config: "str | os.PathLike", overrides: Sequence[str], world_size: int) -> None:
+    """Validate the whole run config for ``world_size`` processes with the training CLI's own loader
+    (:func:`llp_pretrain.config.load_config`: every section, the shards' manifest, the DeepSpeed
+    JSON), so a bad config fails on the launching host before any process starts.
+
+    Raises :class:`LaunchError` carrying every problem the loader found."""
+    from llp_pretrain.config import ConfigError, load_config
+
+    try:
+        load_config(str(config), list(overrides), world_size=world_size)
+    except ConfigError as exc:
+        raise LaunchError(f"{exc}\n(checked for world_size={world_size} before starting training)") from None
+    except FileNotFoundError as exc:
+        raise LaunchError(f"config {config}: {exc}") from None
+
+
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
@@ -464,6 +493,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--span", type=int, default=PORT_SPAN)
     p = sub.add_parser("hostfile", help="validate a DeepSpeed hostfile; print 'host slots' lines")
     p.add_argument("path")
+    p = sub.add_parser("fit-workers", help="dataloader workers per process that fit the CPUs per process")
+    p.add_argument("--config", required=True)
+    p.add_argument("--cpus-per-process", type=int, required=True)
+    p.add_argument("train_args", nargs=argparse.REMAINDER)
     p = sub.add_parser("layout", help="print and validate the world layout for a config")
     p.add_argument("--config", required=True)
     p.add_argument("--nnodes", type=int, required=True)
@@ -474,6 +507,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master-port", type=int, default=None)
     p.add_argument("--backend", default=None)
     p.add_argument("--launcher", default="")
+    p.add_argument("--no-config-check", action="store_true",
+                   help="skip the full run-config validation (llp_pretrain.config.load_config)")
     p.add_argument("train_args", nargs=argparse.REMAINDER,
                    help="the training arguments (after --); their --set overrides are applied")
     return ap
@@ -492,6 +527,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.cmd == "hostfile":
             for host, slots in parse_hostfile(args.path):
                 print(f"{host} {slots}")
+        elif args.cmd == "fit-workers":
+            train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+            settings = read_layout_settings(args.config, extract_set_args(train_args))
+            n = fit_data_workers(settings["num_workers"], args.cpus_per_process)
+            if settings["num_workers"] is not None and n < settings["num_workers"]:
+                print(f"[llp-launch] data.num_workers {settings['num_workers']} -> {n}: "
+                      f"{args.cpus_per_process} CPU(s) per process", file=sys.stderr)
+            print(n)
         elif args.cmd == "layout":
             train_args = list(args.train_args)
             if train_args and train_args[0] == "--":
@@ -508,6 +551,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 grad_accum_steps=settings["grad_accum_steps"],
             )
             print(format_layout(layout, args.launcher, args.node_rank), flush=True)
+            if not args.no_config_check:
+                validate_run_config(args.config, extract_set_args(train_args), layout.world_size)
     except LaunchError as exc:
         print(f"[llp-launch] error: {exc}", file=sys.stderr)
         return 2
