@@ -22,7 +22,7 @@ from typing import Deque, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .errors import DataPrepError, SkipCounter
+from .errors import SKIP_KINDS, DataPrepError, SkipCounter
 from .inputs import PIECE_CHARS, ReadOptions, discover, iter_documents
 from .manifest import (FORMAT_VERSION, MANIFEST, PARTIAL_SUFFIX, RUN_MARKER, SHARD_RE, SPLITS,
                        fingerprint, sample_key, shard_name, strip_execution_only,
@@ -419,6 +419,7 @@ def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.Path
         "shards": shards,
         "totals": totals,
         "skipped": skips.as_dict(),
+        "skipped_reasons": dict(SKIP_KINDS),
     }
     write_json_atomic(out / MANIFEST, manifest)
     (out / RUN_MARKER).unlink(missing_ok=True)
