@@ -23,7 +23,7 @@ from typing import Deque, Dict, List, Optional, Sequence
 import numpy as np
 
 from .errors import SKIP_KINDS, DataPrepError, SkipCounter
-from .inputs import PIECE_CHARS, ReadOptions, discover, iter_documents
+from .inputs import PIECE_CHARS, ReadOptions, discover, iter_documents, warn
 from .manifest import (FORMAT_VERSION, MANIFEST, PARTIAL_SUFFIX, RUN_MARKER, SHARD_RE, SPLITS,
                        fingerprint, sample_key, shard_name, strip_execution_only,
                        write_json_atomic)
@@ -340,6 +340,11 @@ def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.Path
     dtype = token_dtype(piece_count)
     sources = discover(inputs, opts.input_format)
     out = Path(out_dir)
+    for given in inputs:
+        gp = Path(given).resolve()
+        if gp.is_dir() and (out.resolve() == gp or gp in out.resolve().parents):
+            raise DataPrepError(f"--out {out} is inside the input directory {given}: its shards "
+                                f"would be read as input next time; choose another --out")
 
     settings = {
         "inputs": [str(p) for p in inputs],
@@ -421,6 +426,10 @@ def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.Path
         "skipped": skips.as_dict(),
         "skipped_reasons": dict(SKIP_KINDS),
     }
+    if val_fraction > 0 and totals["val"]["samples"] == 0:
+        warn(f"the val split is empty ({totals['val']['documents']} documents, "
+             f"{totals['val']['text_tokens']} tokens < seq_len + 1 = {seq_len + 1}): raise "
+             f"--val-fraction or lower --seq-len if you need validation")
     write_json_atomic(out / MANIFEST, manifest)
     (out / RUN_MARKER).unlink(missing_ok=True)
     manifest = dict(manifest)

@@ -289,3 +289,15 @@ def test_token_dtype_follows_piece_count():
         blob = shards_mod.npy_header(9, np.dtype(dt)) + arr.tobytes()
         back = np.load(io.BytesIO(blob))
         assert back.dtype == dt and back.tolist() == arr.tolist()
+
+
+def test_out_inside_input_dir_is_refused_and_empty_val_warned(env, tmp_path, capsys):
+    with pytest.raises(DataPrepError, match="inside the input directory"):
+        build_shards([str(env["corpus"])], env["model"], env["corpus"] / "shards", seq_len=64)
+    assert not (env["corpus"] / "shards").exists()
+    f = tmp_path / "small.txt"
+    f.write_text("one\n\ntwo\n\nthree\n", encoding="utf-8")
+    m = build_shards([str(f)], env["model"], tmp_path / "ds", seq_len=64, val_fraction=0.5,
+                     read_options=BLANK)
+    assert m["totals"]["val"]["samples"] == 0
+    assert "val split is empty" in capsys.readouterr().err
