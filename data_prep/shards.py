@@ -10,8 +10,10 @@ are renamed when complete. ``manifest.json`` is written last.
 """
 from __future__ import annotations
 
+import array
 import hashlib
 import io
+import itertools
 import json
 import os
 import tarfile
@@ -79,14 +81,12 @@ def _encode_batch(texts: List[str], lasts: List[bool]):
     byte-fallback ids per piece)``.
     """
     ids = _SP.encode(texts, num_threads=1)
-    flat: List[int] = []
-    ntok = np.empty(len(texts), dtype=np.int64)
-    for i, (t, last) in enumerate(zip(ids, lasts)):
-        flat.extend(t)
+    for t, last in zip(ids, lasts):
         if last:
-            flat.append(EOS_ID)
-        ntok[i] = len(t) + (1 if last else 0)
-    arr = np.array(flat, dtype=np.uint32)
+            t.append(EOS_ID)
+    ntok = np.fromiter((len(t) for t in ids), dtype=np.int64, count=len(ids))
+    # array.array from a chained iterator is ~2x faster than np.array(list) for Python ints
+    arr = np.frombuffer(array.array("I", itertools.chain.from_iterable(ids)), dtype=np.uint32)
     nbytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
     ends = np.cumsum(ntok)
     starts = ends - ntok
