@@ -40,12 +40,15 @@ def _read_options(a) -> ReadOptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="llp-prep", description=(
+    # no abbreviations: the manifest records argv, and "--work 2" would slip past the filter of
+    # execution-only options
+    ap = argparse.ArgumentParser(prog="llp-prep", allow_abbrev=False, description=(
         "Corpora -> SentencePiece tokenizer -> WebDataset token shards with a verifiable "
         "manifest."))
     sub = ap.add_subparsers(dest="cmd", required=True)
+    kw = {"allow_abbrev": False}
 
-    t = sub.add_parser("tokenizer", help="train DIR/tokenizer.{model,vocab,json}")
+    t = sub.add_parser("tokenizer", **kw, help="train DIR/tokenizer.{model,vocab,json}")
     _add_input_args(t)
     t.add_argument("--vocab-size", type=int, default=32000)
     t.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
@@ -62,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None, help="SentencePiece trainer threads")
     t.add_argument("--out", required=True, metavar="DIR")
 
-    s = sub.add_parser("shard", help="tokenize and write DIR/{train,val}-NNNNNN.tar + manifest.json")
+    s = sub.add_parser("shard", **kw, help="tokenize and write DIR/{train,val}-NNNNNN.tar + manifest.json")
     _add_input_args(s)
     s.add_argument("--tokenizer", required=True, metavar="MODEL",
                    help="tokenizer.model (or the directory holding it)")
@@ -78,11 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true",
                    help="replace a different dataset already in --out")
 
-    v = sub.add_parser("verify", help="re-hash and decode every shard, check the manifest")
+    v = sub.add_parser("verify", **kw, help="re-hash and decode every shard, check the manifest")
     v.add_argument("dir")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    st = sub.add_parser("stats", help="documents, tokens, bytes per token, unk/byte-fallback rates")
+    st = sub.add_parser("stats", **kw, help="documents, tokens, bytes per token, unk/byte-fallback rates")
     st.add_argument("dir")
     st.add_argument("--json", action="store_true", help="print JSON")
     return ap
