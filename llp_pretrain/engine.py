@@ -324,6 +324,9 @@ def train(cfg: RunConfig, resume: Optional[str] = None) -> TrainResult:
         load_exported_weights(model, init_from)
     torch.manual_seed(t.seed + d.rank)  # dropout differs across ranks; restored exactly on resume
 
+    n_params = model.num_params()
+    seq_len = cfg.model.seq_len
+    flops_tok = model.flops_per_token(seq_len)
     sp = build_parallel_context(cfg, d)
     optimizer = _make_optimizer(model, cfg)
     sched_fn = lambda s: lr_at(s, t.lr, t.min_lr, t.warmup_steps, t.max_steps) / t.lr  # noqa: E731
@@ -350,9 +353,6 @@ def train(cfg: RunConfig, resume: Optional[str] = None) -> TrainResult:
     loader = iter(make_train_loader(stream))
 
     monitor = Monitor(run_dir / "tensorboard", d.rank, purge_step=step + 1 if where is not None else None)
-    n_params = model.num_params() if hasattr(model, "num_params") else sum(p.numel() for p in model.parameters())
-    seq_len = cfg.model.seq_len
-    flops_tok = model.flops_per_token(seq_len) if hasattr(model, "flops_per_token") else 6.0 * n_params
     prec = resolved_precision(t)
     peak = t.peak_flops or measure_peak_flops(d.device, torch.bfloat16 if prec == "bf16" and d.device.type == "cuda"
                                               else torch.float32)
@@ -459,6 +459,7 @@ def train(cfg: RunConfig, resume: Optional[str] = None) -> TrainResult:
                         _discard_step(engine, stage)
                     elif stage == 0:  # DeepSpeed reports no norm for ZeRO-0: reduced grads are local
                         grad_norm0 = _grad_norm(engine.module)
+                    lr_applied = engine.get_lr()[0]  # the LR this optimizer step uses
                 engine.step()
             step += 1
             steps_this_run += 1
@@ -486,7 +487,7 @@ def train(cfg: RunConfig, resume: Optional[str] = None) -> TrainResult:
                 tok_s = t.global_batch_size * seq_len / step_time
                 mfu = flops_tok * tok_s / (peak * d.world_size)
                 gn = grad_norm0 if stage == 0 else engine.get_global_grad_norm()
-                lr_now = engine.get_lr()[0]
+                lr_now = lr_applied
                 monitor.scalars(step, {
                     "train/loss": mean_loss, "train/lr": lr_now,
                     "train/grad_norm": float(gn) if gn is not None else None,

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import time
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -121,8 +122,10 @@ def _train_many(spec_path: str) -> int:
 
     jobs = json.loads(Path(spec_path).read_text())
     for job in jobs:
+        t0 = time.time()
         cfg = load_config(raw=job["config"], overrides=job.get("overrides", []))
         res = train(cfg, resume=job.get("resume"))
+        print(f"[train-many] {cfg.run.output_dir}: {time.time() - t0:.1f}s", flush=True)
         rank = int(os.environ.get("RANK", "0"))
         if job.get("result"):
             Path(f"{job['result']}.rank{rank}.json").write_text(json.dumps(dataclasses.asdict(res)))

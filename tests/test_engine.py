@@ -1,0 +1,300 @@
+"""DeepSpeed engine end to end on CPU with real processes (gloo), tiny LLP models.
+
+Process launches are shared through module-scoped fixtures (several trainings run one after the
+other inside one process / one torchrun job) to keep the suite fast:
+
+* ``single``: one plain process: the reference run (1 rank, 2 loader workers, accumulation 2),
+  micro-batch 8 x accumulation 1 and 4 x 2 (one step each), and the uninterrupted 8-step run that
+  the kill-and-resume test compares against.
+* ``two_ranks``: one ``torchrun --nproc-per-node 2`` job: ZeRO stages 0-3 (and ZeRO-2 with activation
+  checkpointing) on the same global batch as the reference, and a run over 3 uneven shards.
+* ``kill_resume``: three ``llp-pretrain train`` processes: SIGKILL mid-run, resume, SIGTERM, resume.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from llp_pretrain.testing import tiny_run_config, write_tiny_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+CLI = str(Path(sys.executable).with_name("llp-pretrain"))
+
+pytestmark = [pytest.mark.distributed]
+
+
+def _env():
+    env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd, timeout, **kw):
+    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout, **kw)
+    if p.returncode != 0:
+        raise AssertionError(f"{cmd} exited {p.returncode}\nstdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-6000:]}")
+    return p
+
+
+def _scalars(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    ea.Reload()
+    return [(e.step, e.value) for e in ea.Scalars(tag)]
+
+
+def _weights(run_dir):
+    from llp_pretrain.export import load_checkpoint_weights
+
+    state, _, _ = load_checkpoint_weights(run_dir)
+    return state
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    w = tmp_path_factory.mktemp("engine")
+    # two equal shards: with shuffle_buffer 1 the global batches of 1 rank x 2 workers x accumulation 2
+    # and of 2 ranks x 1 worker are the same samples, so the loss curves must agree
+    write_tiny_dataset(w / "ds", seq_len=16, train_samples=[12, 12], val_samples=[4], vocab_size=48)
+    write_tiny_dataset(w / "uneven", seq_len=16, train_samples=[7, 3, 5], val_samples=[3], vocab_size=48)
+    return w
+
+
+def _job(work, name, result=True, **sections):
+    cfg = tiny_run_config(work / sections.pop("ds", "ds"), work / name, **sections)
+    return {"config": cfg, "result": str(work / f"res_{name}") if result else None}
+
+
+@pytest.fixture(scope="module")
+def single(work):
+    jobs = [
+        _job(work, "ref", data={"num_workers": 2, "shuffle_buffer": 1},
+             train={"max_steps": 4, "micro_batch_size": 2, "grad_accum_steps": 2}),
+        # eps = 1 makes Adam's first update smooth in the gradient (not ~lr * sign(g)), so rounding-level
+        # gradient differences stay rounding-level weight differences
+        _job(work, "mb8x1", train={"max_steps": 1, "micro_batch_size": 8, "grad_accum_steps": 1, "warmup_steps": 0,
+                                   "eps": 1.0, "lr": 1.0}, data={"shuffle_buffer": 1}),
+        _job(work, "mb4x2", train={"max_steps": 1, "micro_batch_size": 4, "grad_accum_steps": 2, "warmup_steps": 0,
+                                   "eps": 1.0, "lr": 1.0}, data={"shuffle_buffer": 1}),
+        _job(work, "straight", **_resume_sections()),
+    ]
+    spec = work / "single.json"
+    spec.write_text(json.dumps(jobs))
+    _run([PY, "-m", "llp_pretrain.testing", "train-many", str(spec)], timeout=400)
+    return work
+
+
+@pytest.fixture(scope="module")
+def two_ranks(work):
+    jobs = [_job(work, f"z{st}", data={"num_workers": 1, "shuffle_buffer": 1},
+                 train={"max_steps": 4, "micro_batch_size": 2}, deepspeed=f"configs/deepspeed/zero{st}.json")
+            for st in (0, 1, 2, 3)]
+    jobs.append(_job(work, "z2ckpt", data={"num_workers": 1, "shuffle_buffer": 1},
+                     train={"max_steps": 4, "micro_batch_size": 2}, model={"checkpoint_activations": True},
+                     deepspeed="configs/deepspeed/zero2.json"))
+    jobs.append(_job(work, "uneven", ds="uneven", data={"num_workers": 1, "shuffle_buffer": 2},
+                     train={"max_steps": 7, "micro_batch_size": 2, "log_interval": 7}))
+    spec = work / "two.json"
+    spec.write_text(json.dumps(jobs))
+    _run([TORCHRUN, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+          "-m", "llp_pretrain.testing", "train-many", str(spec)], timeout=600)
+    return work
+
+
+@pytest.mark.timeout(700)
+def test_zero_stages_on_two_ranks_follow_single_process_curve(single, two_ranks):
+    ref = _scalars(single / "ref", "train/loss")
+    assert [s for s, _ in ref] == [1, 2, 3, 4]
+    assert ref[-1][1] < ref[0][1]  # it learns
+    for name in ("z0", "z1", "z2", "z3", "z2ckpt"):
+        got = _scalars(two_ranks / name, "train/loss")
+        assert [s for s, _ in got] == [1, 2, 3, 4], name
+        for (_, a), (_, b) in zip(ref, got):
+            assert abs(a - b) < 1e-4, (name, ref, got)
+        lr_ref, lr_got = _scalars(single / "ref", "train/lr"), _scalars(two_ranks / name, "train/lr")
+        assert lr_ref == lr_got
+    # weights after 4 steps: ZeRO-3 (consolidated by export from partitions) matches ZeRO-0 on 2 ranks
+    w0, w3 = _weights(two_ranks / "z0"), _weights(two_ranks / "z3")
+    assert w0.keys() == w3.keys()
+    for k in w0:
+        assert w0[k].shape == w3[k].shape
+        assert torch.allclose(w0[k], w3[k], atol=2e-5, rtol=1e-4), k
+
+
+@pytest.mark.timeout(700)
+def test_uneven_shards_equal_step_counts(two_ranks):
+    results = [json.loads((two_ranks / f"res_uneven.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["step"] for r in results] == [7, 7]
+    assert all(r["stopped_by"] == "max_steps" for r in results)
+
+
+@pytest.mark.timeout(500)
+def test_micro_batch_8x1_equals_4x2(single):
+    from llp_pretrain.config import load_config
+    from llp_pretrain.models import build_model
+
+    a, b = _weights(single / "mb8x1"), _weights(single / "mb4x2")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-7, rtol=1e-6), k
+    # and a real step happened: weights moved away from the seeded initialisation
+    cfg = load_config(raw=tiny_run_config(single / "ds", single / "x"))
+    torch.manual_seed(cfg.train.seed)
+    init = build_model(cfg.model).state_dict()
+    assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-4
+
+
+def _resume_sections():
+    return dict(data={"num_workers": 1, "shuffle_buffer": 4},
+                train={"max_steps": 8, "micro_batch_size": 2, "grad_accum_steps": 2, "save_interval": 4,
+                       "warmup_steps": 3, "sample_tokens": 4, "eval_interval": 3})
+
+
+def _wait_for_line(proc, needle, timeout):
+    """Read the process's stdout until a line contains ``needle``; returns the lines read."""
+    end = time.time() + timeout
+    lines = []
+    while time.time() < end:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"'{needle}' not seen within {timeout}s; output:\n{''.join(lines)}")
+
+
+@pytest.fixture(scope="module")
+def kill_resume(work):
+    run = work / "resumed"
+    cfg = tiny_run_config(work / "ds", run, **_resume_sections())
+    path = work / "resume.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [CLI, "train", "--config", str(path), "--resume", "auto"]
+    # 1) pause after step 6 (checkpoint at 4 exists, events up to 6 written) and SIGKILL
+    env = {**_env(), "LLP_PRETRAIN_PAUSE_AFTER_STEP": "6"}
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_line(p, "step       6/8", 240)
+        time.sleep(0.5)
+        p.send_signal(signal.SIGKILL)
+        p.wait(30)
+    finally:
+        p.kill()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step00000004"
+    # 2) resume, pause after step 6 again, SIGTERM: saves step 6 and exits 0
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out = _wait_for_line(p, "step       6/8", 240)
+        p.send_signal(signal.SIGTERM)
+        rest, _ = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    sigterm = {"rc": p.returncode, "out": "".join(out) + rest}
+    latest_after_term = (run / "checkpoints" / "latest").read_text().strip()
+    # 3) resume to the end
+    _run(cmd, timeout=300)
+    return run, sigterm, latest_after_term
+
+
+@pytest.mark.timeout(900)
+def test_kill_and_resume_is_bit_exact(single, kill_resume):
+    run, sigterm, latest = kill_resume
+    assert "resumed from" in sigterm["out"] and "step00000004" in sigterm["out"]
+    a, b = _weights(single / "straight"), _weights(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the LR of every step equals the uninterrupted run's, and the loss curves are identical
+    assert _scalars(run, "train/lr") == _scalars(single / "straight", "train/lr")
+    assert _scalars(run, "train/loss") == _scalars(single / "straight", "train/loss")
+
+
+@pytest.mark.timeout(900)
+def test_sigterm_saves_a_usable_checkpoint(kill_resume):
+    run, sigterm, latest = kill_resume
+    assert sigterm["rc"] == 0, sigterm["out"]
+    assert latest == "step00000006"
+    assert "stopped by signal at step 6" in sigterm["out"]
+    meta = json.loads((run / "checkpoints" / "step00000006" / "run_meta.json").read_text())
+    assert meta["step"] == 6 and meta["consumed_batches_per_rank"] == 12
+
+
+@pytest.mark.timeout(900)
+def test_tensorboard_events_unique_increasing_steps(kill_resume):
+    run, _, _ = kill_resume
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    want = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/mfu", "train/step_time",
+            "train/data_wait_fraction", "train/memory_gb", "val/loss", "val/ppl", "val/bits_per_byte"}
+    assert want <= tags, want - tags
+    for tag in want:
+        steps = [e.step for e in ea.Scalars(tag)]
+        assert steps == sorted(set(steps)), (tag, steps)
+    assert [e.step for e in ea.Scalars("train/loss")] == list(range(1, 9))
+    assert [e.step for e in ea.Scalars("val/loss")] == [3, 6, 8]
+    assert len(ea.Tags()["tensors"]) >= 1  # generated text samples (and hparams)
+    # only rank 0 writes: one events file per process start that reached the writer (3 starts)
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 3
+
+
+@pytest.mark.timeout(900)
+def test_export_round_trip_and_eval(kill_resume, two_ranks, tmp_path):
+    from safetensors.torch import load_file
+
+    from llp_pretrain.cli import evaluate_checkpoint, main as cli_main
+    from llp_pretrain.export import load_model
+
+    run, _, _ = kill_resume
+    for src in (run, two_ranks / "z3"):
+        out = tmp_path / src.name
+        assert cli_main(["export", str(src), str(out)]) == 0
+        exported = load_file(str(out / "model.safetensors"))
+        state = _weights(src)
+        assert exported.keys() == state.keys()
+        for k in state:
+            assert torch.equal(exported[k], state[k].float()), k
+        model, cfg, _ = load_model(out)
+        assert cfg["d_model"] == 32
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, exported[k])
+    # eval on the exported model equals eval on the checkpoint
+    r1 = evaluate_checkpoint(str(run), str(run.parent / "ds"), stride=8)
+    r2 = evaluate_checkpoint(str(tmp_path / run.name), str(run.parent / "ds"), stride=8)
+    assert r1 == r2 and r1.tokens == 4 * 16  # 4 val samples of 16 tokens: every target scored once
+
+
+def test_resume_with_other_data_parallel_size_fails_up_front(work):
+    from llp_pretrain.config import load_config
+    from llp_pretrain.engine import DistInfo, check_resume_layout
+
+    cfg = load_config(raw=tiny_run_config(work / "ds", work / "x"), world_size=2)
+    meta = {"layout": {"world_size": 1, "data_parallel_size": 1, "sequence_parallel_size": 1}}
+    d = DistInfo(0, 2, 0, 0, 2, 0, 1, torch.device("cpu"))
+    with pytest.raises(ValueError, match="relaunch with 1 processes.*llp-pretrain export"):
+        check_resume_layout(meta, cfg, d, "CKPT")
