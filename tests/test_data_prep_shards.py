@@ -301,3 +301,16 @@ def test_out_inside_input_dir_is_refused_and_empty_val_warned(env, tmp_path, cap
                      read_options=BLANK)
     assert m["totals"]["val"]["samples"] == 0
     assert "val split is empty" in capsys.readouterr().err
+
+
+def test_progress_shows_rates_and_quiet_silences_it(env, tmp_path, capsys):
+    from data_prep.cli import main
+
+    base = ["shard", "--input", str(env["corpus"]), "--doc-sep", "blank-line", "--tokenizer",
+            str(env["model"]), "--seq-len", "64", "--workers", "0"]
+    assert main(base + ["--out", str(tmp_path / "a")]) == 0
+    cap = capsys.readouterr()
+    assert "docs/s" in cap.err and "tokens/s" in cap.err and "100%" in cap.err
+    assert "empty_documents" in cap.out and "dropped_tail_tokens" in cap.out
+    assert main(base + ["--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
