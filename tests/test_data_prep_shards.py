@@ -307,7 +307,7 @@ def test_progress_shows_rates_and_quiet_silences_it(env, tmp_path, capsys):
     from data_prep.cli import main
 
     base = ["shard", "--input", str(env["corpus"]), "--doc-sep", "blank-line", "--tokenizer",
-            str(env["model"]), "--seq-len", "64", "--workers", "0"]
+            str(env["model"]), "--seq-len", "64", "--workers", "0", "--val-fraction", "0.2"]
     assert main(base + ["--out", str(tmp_path / "a")]) == 0
     cap = capsys.readouterr()
     assert "docs/s" in cap.err and "tokens/s" in cap.err and "100%" in cap.err
