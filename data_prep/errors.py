@@ -22,6 +22,8 @@ SKIP_KINDS: Dict[str, str] = {
     "json_missing_key": "JSONL records without the --text-key (skipped)",
     "json_non_string": "JSONL records whose --text-key value is not a string (skipped)",
     "lines_too_long": "JSONL lines longer than --max-line-bytes (skipped)",
+    "space_symbol_characters": "U+2581 characters in the text (SentencePiece's space symbol: "
+                               "kept, but they decode as a space)",
     "dropped_tail_tokens": "tokens at the end of a split too few for one more sample (dropped)",
 }
 

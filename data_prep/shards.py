@@ -2,7 +2,7 @@
 
 Pipeline: the main process reads documents (``data_prep.inputs``) and cuts them into batches of
 about ``BATCH_CHARS`` characters; ``workers`` processes encode batches with SentencePiece (at most
-``2 * workers`` batches in flight, results consumed in submission order, so memory is bounded and
+``2 * workers + 1`` batches in flight, results consumed in submission order, so memory is bounded and
 the output does not depend on ``workers``); the main process appends EOS after each document,
 packs each split's token stream into samples of ``seq_len + 1`` tokens that share one boundary token
 (``docs/internals.md``) and writes them with ``webdataset.TarWriter`` to ``NAME.partial`` files that
@@ -36,6 +36,7 @@ DEFAULT_SAMPLES_PER_SHARD = 10_000
 BATCH_CHARS = 1 << 20
 BATCH_MAX_PIECES = 8192
 TAR_MTIME = 0                # fixed member mtime: reproducible tars (an int: a float forces PAX headers)
+SP_SPACE_SYMBOL = "\u2581"    # SentencePiece's escaped space: in input text it decodes as " "
 SPLIT_METHOD = "blake2b-64 of 'seed\\0identity\\0ordinal' / 2**64 < val_fraction -> val"
 
 
@@ -78,7 +79,7 @@ def _encode_batch(texts: List[str], lasts: List[bool]):
     """Encode a batch of document pieces; EOS is appended after each document's last piece.
 
     Returns ``(flat uint32 tokens, tokens per piece, UTF-8 bytes per piece, unk ids per piece,
-    byte-fallback ids per piece)``.
+    byte-fallback ids per piece, count of U+2581 characters in the batch)``.
     """
     ids = _SP.encode(texts, num_threads=1)
     for t, last in zip(ids, lasts):
@@ -93,7 +94,9 @@ def _encode_batch(texts: List[str], lasts: List[bool]):
     lo, hi = _BYTE_RANGE
     unk_c = np.concatenate([[0], np.cumsum(arr == UNK_ID)])
     byte_c = np.concatenate([[0], np.cumsum((arr >= lo) & (arr <= hi))])
-    return arr, ntok, nbytes, unk_c[ends] - unk_c[starts], byte_c[ends] - byte_c[starts]
+    n_space_symbol = sum(t.count(SP_SPACE_SYMBOL) for t in texts)
+    return (arr, ntok, nbytes, unk_c[ends] - unk_c[starts], byte_c[ends] - byte_c[starts],
+            n_space_symbol)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -470,7 +473,8 @@ def _run_pipeline(sources, opts, skips, progress, pool, workers, packers, source
     doc_offset = {s: 0 for s in SPLITS}
 
     def consume(meta, input_bytes, result):
-        arr, ntok, nbytes, nunk, nbyte = result
+        arr, ntok, nbytes, nunk, nbyte, n_space_symbol = result
+        skips.add("space_symbol_characters", n_space_symbol)
         ends = np.cumsum(ntok)
         pos = 0
         for i, (doc_id, split, last, first) in enumerate(meta):

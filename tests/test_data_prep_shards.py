@@ -314,3 +314,15 @@ def test_progress_shows_rates_and_quiet_silences_it(env, tmp_path, capsys):
     assert "empty_documents" in cap.out and "dropped_tail_tokens" in cap.out
     assert main(base + ["--out", str(tmp_path / "b"), "--quiet"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_sentencepiece_space_symbol_is_counted(env, tmp_path):
+    # U+2581 is SentencePiece's own space symbol: the one character that cannot round-trip
+    f = tmp_path / "s.txt"
+    f.write_text("tok\u2581en and \u2581\u2581 more", encoding="utf-8")
+    m = build_shards([str(f)], env["model"], tmp_path / "ds", seq_len=2, val_fraction=0.0)
+    assert m["skipped"]["space_symbol_characters"] == 3
+    samples, _ = read_split(tmp_path / "ds", m, "train")
+    stream = np.concatenate([samples[0][1]] + [a[1:] for _, a, _ in samples[1:]])
+    sp = spm.SentencePieceProcessor(model_file=str(env["model"]))
+    assert sp.decode(stream.tolist()).startswith("tok en and    more")
