@@ -105,6 +105,9 @@ def test_sbatch_term_checkpoints_requeues_and_resumes(tmp_path):
         _cancel(job)
     assert "received SIGTERM" in text and f"requeueing job {job}" in text
     assert "(restart 1)" in text and "mode=torchrun" in text
+    # the checkpoint-and-stop run and the resumed run both exited cleanly (torchrun did not turn TERM
+    # into a failure)
+    assert text.count("training exited with status 0") == 2, text[-4000:]
     assert checkpoint_steps(run)[-1] == 6
     assert latest_meta(run)["step"] == 6
     # resumed from step 3: steps 1-3 from the first run, 4-6 from the second, none repeated

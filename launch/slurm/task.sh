@@ -26,6 +26,15 @@ fi
 
 case "$LLP_SLURM_MODE" in
   torchrun)
+    # Preemption: SLURM signals every process of the step (`scancel --signal`, or the batch script
+    # forwarding --signal=B:TERM). The training processes catch TERM/USR1, checkpoint and exit 0.
+    # torchrun must neither die on them (USR1's default) nor turn them into a failure (its TERM
+    # handler kills the workers and exits 1), so it ignores both: an ignored signal stays ignored
+    # across exec, and PET_SIGNALS_TO_HANDLE (torchrun --signals-to-handle) keeps torchrun from
+    # installing a TERM handler. The workers install their own handlers; torchrun still reports
+    # their exit status.
+    trap '' TERM USR1
+    export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGINT,SIGHUP,SIGQUIT}
     llp_log "node $NODE_RANK ($(hostname)): torchrun with $LLP_NPROC_PER_NODE process(es), global ranks $(( NODE_RANK * LLP_NPROC_PER_NODE ))-$(( (NODE_RANK + 1) * LLP_NPROC_PER_NODE - 1 ))"
     exec "$PYTHON" -m torch.distributed.run --nnodes "${SLURM_NNODES:?}" --node-rank "$NODE_RANK" \
       --nproc-per-node "$LLP_NPROC_PER_NODE" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
