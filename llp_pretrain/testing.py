@@ -70,10 +70,10 @@ def write_tiny_dataset(out_dir: str | os.PathLike, seq_len: int, train_samples: 
                     w.write({"__key__": f"{split}_{k:08d}", "tokens.npy": buf.getvalue(),
                              "json": json.dumps({"docs": [0], "offset": k * seq_len}).encode()})
                     k += 1
-            shards_meta.append({"name": name, "split": split, "samples": count, "tokens": count * seq_len,
+            shards_meta.append({"name": name, "split": split, "samples": count, "tokens": count * (seq_len + 1),
                                 "sha256": _sha256(path)})
         text_tokens = n * seq_len + 1
-        totals[split] = {"documents": 1, "samples": n, "tokens": n * seq_len, "text_bytes": int(text_tokens * bytes_per_token),
+        totals[split] = {"documents": 1, "samples": n, "tokens": n * (seq_len + 1), "text_bytes": int(text_tokens * bytes_per_token),
                          "text_tokens": text_tokens, "shards": len(counts)}
     manifest = {
         "format_version": 1,

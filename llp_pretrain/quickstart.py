@@ -1,0 +1,129 @@
+"""``llp-pretrain quickstart``: the whole pipeline on the bundled King James Bible in one command.
+
+1. SentencePiece tokenizer (BPE, 2,000 pieces) on ``data_prep/data/kjv.txt.gz`` (chapters as documents);
+2. WebDataset shards (seq_len from ``configs/quickstart.yaml``, 2 % of documents held out for validation);
+3. training of the tiny LLP of ``configs/quickstart.yaml`` for a time budget (``--minutes``; the number
+   of steps is set from a measured step time so the cosine schedule completes); on a GPU a larger model;
+4. strided validation perplexity, next to a unigram model of the same tokenizer's training tokens
+   scored on exactly the same validation targets;
+5. a generated sample and the ``tensorboard --logdir`` command.
+
+Everything is written under ``OUT`` (``data/tokenizer``, ``data/shards``, ``run``); rerunning reuses
+the tokenizer and shards.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+__all__ = ["run_quickstart", "measure_step_time"]
+
+VOCAB = 2000
+GPU_OVERRIDES = ["model.d_model=384", "model.n_heads=6", "model.n_layers=6", "model.seq_len=512",
+                 "model.segment_len=128", "train.micro_batch_size=32", "train.global_batch_size=32",
+                 "train.lr=1.5e-3"]
+
+
+def measure_step_time(cfg, device: torch.device, steps: int = 3) -> float:
+    """Seconds per optimizer step of ``cfg``'s model at its micro-batch (forward+backward+AdamW, no
+    DeepSpeed), median of ``steps`` after one warm-up step."""
+    from llp_pretrain.models import build_model, lm_loss
+
+    model = build_model(cfg.model).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(4, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.model.seq_len + 1), device=device)
+    times = []
+    for i in range(steps + 1):
+        t = time.perf_counter()
+        for _ in range(cfg.train.grad_accum_steps):
+            loss, n = lm_loss(model, x)
+            (loss / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def _prepare_data(out: Path, seq_len: int) -> Dict[str, Path]:
+    from data_prep import BUNDLED_CORPUS, ReadOptions, build_shards, train_tokenizer
+
+    tok_dir, shard_dir = out / "data" / "tokenizer", out / "data" / "shards"
+    opts = ReadOptions(doc_sep="blank-line")
+    if not (tok_dir / "tokenizer.model").is_file():
+        print(f"[quickstart] 1/5 training a {VOCAB}-piece SentencePiece tokenizer on {BUNDLED_CORPUS}", flush=True)
+        train_tokenizer([str(BUNDLED_CORPUS)], str(tok_dir), vocab_size=VOCAB, read_options=opts)
+    else:
+        print(f"[quickstart] 1/5 tokenizer exists: {tok_dir / 'tokenizer.model'}", flush=True)
+    manifest_ok = False
+    if (shard_dir / "manifest.json").is_file():
+        manifest_ok = json.loads((shard_dir / "manifest.json").read_text()).get("seq_len") == seq_len
+    if not manifest_ok:
+        print(f"[quickstart] 2/5 sharding at seq_len {seq_len} into {shard_dir}", flush=True)
+        build_shards([str(BUNDLED_CORPUS)], str(tok_dir / "tokenizer.model"), str(shard_dir), seq_len=seq_len,
+                     val_fraction=0.02, samples_per_shard=1000, read_options=opts, workers=1, overwrite=True)
+    else:
+        print(f"[quickstart] 2/5 shards exist: {shard_dir}", flush=True)
+    return {"tokenizer": tok_dir / "tokenizer.model", "shards": shard_dir}
+
+
+def run_quickstart(out: str = "runs/quickstart", minutes: Optional[float] = None) -> Dict:
+    """Run the quickstart (see module doc). Returns a dict with the measured results:
+    ``val`` (model), ``unigram``, ``steps``, ``sample``, ``run_dir``.
+
+    Raises ``RuntimeError`` if the model does not beat the unigram baseline by at least 2x in perplexity."""
+    from llp_pretrain.cli import evaluate_checkpoint, generate_text
+    from llp_pretrain.config import load_config
+    from llp_pretrain.data import read_split_stream
+    from llp_pretrain.engine import train
+    from llp_pretrain.evaluate import bytes_per_token, unigram_eval
+
+    out = Path(out).resolve()
+    cuda = torch.cuda.is_available()
+    minutes = minutes if minutes is not None else (10.0 if cuda else 4.0)
+    overrides = list(GPU_OVERRIDES if cuda else [])
+    base = load_config("configs/quickstart.yaml", overrides + ["model.vocab_size=2000"], world_size=1, check_data=False)
+    paths = _prepare_data(out, base.model.seq_len)
+    run_dir = out / "run"
+    overrides += [f"data.path={paths['shards']}", f"data.tokenizer={paths['tokenizer']}", f"run.output_dir={run_dir}"]
+    cfg = load_config("configs/quickstart.yaml", overrides, world_size=1)
+    device = torch.device("cuda" if cuda else "cpu")
+    step_time = measure_step_time(cfg, device)
+    budget = 60.0 * minutes
+    steps = max(20, int(0.85 * budget / (step_time * 1.15)))  # DeepSpeed/eval/logging overhead ~15 %
+    print(f"[quickstart] 3/5 training {cfg.model.variant} ({'GPU' if cuda else 'CPU'}): measured {step_time:.3f} s/step "
+          f"-> {steps} steps in ~{minutes:g} min", flush=True)
+    cfg = load_config("configs/quickstart.yaml", overrides + [
+        f"train.max_steps={steps}", f"train.warmup_steps={max(10, steps // 20)}",
+        f"train.eval_interval={max(50, steps // 4)}", f"train.save_interval={max(50, steps // 4)}",
+        f"train.time_limit_minutes={1.3 * minutes}"], world_size=1)
+    res = train(cfg, resume=None if not (run_dir / "checkpoints" / "latest").is_file() else "auto")
+
+    print("[quickstart] 4/5 evaluating validation perplexity (strided, stride seq_len/2)", flush=True)
+    n = cfg.model.seq_len
+    val = evaluate_checkpoint(str(run_dir), str(paths["shards"]), "val", stride=n // 2)
+    train_stream = read_split_stream(str(paths["shards"]), "train")
+    counts = np.bincount(train_stream, minlength=cfg.model.vocab_size)
+    val_stream = read_split_stream(str(paths["shards"]), "val")
+    uni = unigram_eval(counts, val_stream[1:], bytes_per_token(cfg.manifest, "val"))  # the same targets
+    assert uni.tokens == val.tokens, (uni.tokens, val.tokens)
+    print(f"[quickstart] validation: {val.tokens} tokens | LLP perplexity {val.ppl:.2f} "
+          f"(loss {val.loss:.3f}, {val.bits_per_byte:.3f} bits/byte) | unigram perplexity {uni.ppl:.2f} "
+          f"({uni.bits_per_byte:.3f} bits/byte) | {uni.ppl / val.ppl:.1f}x lower", flush=True)
+
+    prompt = cfg.train.sample_prompt
+    sample = generate_text(str(run_dir), prompt, 60, temperature=0.8, top_k=40, seed=0)
+    print(f"[quickstart] 5/5 sample (prompt {prompt!r}):\n{sample}\n", flush=True)
+    print(f"[quickstart] view the run:  tensorboard --logdir {run_dir / 'tensorboard'}", flush=True)
+    if not uni.ppl >= 2.0 * val.ppl:
+        raise RuntimeError(f"the model's validation perplexity {val.ppl:.2f} does not beat the unigram baseline "
+                           f"{uni.ppl:.2f} by 2x; train longer (--minutes)")
+    return {"val": val.to_dict(), "unigram": uni.to_dict(), "steps": res.step, "sample": sample,
+            "run_dir": str(run_dir), "step_time": step_time}
