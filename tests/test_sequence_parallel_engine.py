@@ -1,5 +1,5 @@
 """Sequence parallelism inside the DeepSpeed engine: 4 gloo processes as data-parallel 2 x
-sequence-parallel 2 (ZeRO-2, the engine's optimizer, schedule, clipping and ``compute_loss``)
+sequence-parallel 2 (ZeRO 0, 2 and 3, the engine's optimizer, schedule, clipping and ``compute_loss``)
 train 5 steps and end with the weights of a plain single-process PyTorch run on the same global
 batches; the engine's data layout gives sequence-parallel peers identical samples and different
 data-parallel groups different ones.
@@ -61,20 +61,28 @@ def _dp_sp_worker(rank, world, data_dir, out_dir, zero):
     optimizer = _make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_at(s, t.lr, t.min_lr, t.warmup_steps, t.max_steps) / t.lr)
+    model = sp.prepare_model(model, cfg.ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=cfg.ds_config, mpu=sp.mpu,
                                            dist_init_required=False)
     batches = _batches()
-    losses = []
+    losses, norms = [], []
     for s in range(STEPS):
         mine = batches[s, d.dp_rank * MICRO:(d.dp_rank + 1) * MICRO]
         loss, _, _ = compute_loss(engine, mine, sp)
         engine.backward(loss)
+        if zero == 0:  # reduced gradients are in .grad; DeepSpeed does not report their norm
+            norms.append(torch.stack([p.grad.norm() for p in engine.module.parameters()
+                                      if p.grad is not None]).norm().item())
         engine.step()
+        if zero != 0:
+            norms.append(float(engine.get_global_grad_norm()))
         losses.append(loss.item())
-    weights = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=zero == 3):
+        weights = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
     dist.barrier()
-    return dict(keys=keys, weights=weights, losses=losses, dp_rank=d.dp_rank, sp_rank=d.sp_rank,
+    return dict(keys=keys, weights=weights, losses=losses, norms=norms, dp_rank=d.dp_rank, sp_rank=d.sp_rank,
                 layout=(engine.dp_world_size, engine.seq_dp_world_size,
                         engine.sequence_parallel_size))
 
@@ -94,30 +102,31 @@ def _reference(data_dir, out_dir):
     opt = _make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_at(s, t.lr, t.min_lr, t.warmup_steps, t.max_steps) / t.lr)
-    losses = []
+    losses, norms = [], []
     for batch in _batches():
         loss_sum, n = lm_loss(model, batch)
         loss = loss_sum / n
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item())
         opt.step()
         sched.step()
         losses.append(loss.item())
-    return {n: p.detach().clone() for n, p in model.named_parameters()}, losses
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, losses, norms
 
 
 @pytest.mark.distributed
 @pytest.mark.timeout(240)
-def test_dp2_sp2_zero2_matches_single_process(tmp_path):
+@pytest.mark.parametrize("zero", [0, 2, 3])
+def test_dp2_sp2_matches_single_process(zero, tmp_path):
     from llp_pretrain.testing import write_tiny_dataset
 
     data_dir = tmp_path / "data"
     write_tiny_dataset(data_dir, seq_len=MODEL["seq_len"], train_samples=[8, 8, 8, 8],
                        vocab_size=MODEL["vocab_size"])
-    res = run_ranks(_dp_sp_worker, 4, args=(str(data_dir), str(tmp_path / "run"), 2),
+    res = run_ranks(_dp_sp_worker, 4, args=(str(data_dir), str(tmp_path / "run"), zero),
                     timeout=200, tmp=tmp_path / "out")
-    ref_w, ref_losses = _reference(str(data_dir), str(tmp_path / "ref"))
+    ref_w, ref_losses, ref_norms = _reference(str(data_dir), str(tmp_path / "ref"))
 
     # data: sequence-parallel peers read identical samples, data-parallel groups different ones
     assert res[0]["keys"] == res[1]["keys"] and res[2]["keys"] == res[3]["keys"]
@@ -128,6 +137,10 @@ def test_dp2_sp2_zero2_matches_single_process(tmp_path):
         assert res[0]["losses"][s] == pytest.approx(res[1]["losses"][s], rel=1e-6)
         mean = (res[0]["losses"][s] + res[2]["losses"][s]) / 2
         assert mean == pytest.approx(ref_losses[s], rel=1e-5)
+        # gradient magnitude (Adam would hide a wrong scale in the weights): DeepSpeed's global
+        # norm of the reduced gradient before clipping equals the single-process one
+        for r in res:
+            assert r["norms"][s] == pytest.approx(ref_norms[s], rel=1e-4), (s, r["norms"], ref_norms)
     # training moved the weights, identically on every rank and as in one process
     moved = max((ref_w[n] - p).abs().max().item() for n, p in
                 _initial_weights(str(data_dir), str(tmp_path / "init")).items())

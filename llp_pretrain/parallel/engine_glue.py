@@ -37,9 +37,10 @@ class EngineSequenceParallel:
     """
 
     def __init__(self, groups: SequenceParallelGroups, segment_len: int,
-                 counter: Optional[CommCounter] = None):
+                 counter: Optional[CommCounter] = None, grad_scale: float = 1.0):
         self.mpu = groups
         self.segment_len = int(segment_len)
+        self.grad_scale = float(grad_scale)
         self.counter = counter
         self._ctx: Optional[SequenceParallelContext] = None
 
@@ -75,15 +76,39 @@ class EngineSequenceParallel:
         """Sum loss and token count over the sequence-parallel group.
 
         Returns ``(loss_sum, n_tokens)``: the value of ``loss_sum`` is the group's total (the
-        single-rank loss sum of the whole samples); its gradient is this rank's share plus the
-        zero-valued halo anchors that keep every exchange's backward running.
+        single-rank loss sum of the whole samples); its gradient is ``grad_scale`` times this
+        rank's share, plus the zero-valued halo anchors that keep every exchange's backward
+        running (``grad_scale`` is ``P`` under ZeRO-3, see :func:`zero_grad_scale`).
         """
         ctx = self._current()
         local = loss_sum + ctx.halo_loss_term().to(loss_sum.device)
         totals = torch.stack([local.detach().float(),
                               torch.tensor(float(n_tokens), device=local.device)])
         dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=self.mpu.get_sequence_parallel_group())
-        return local + (totals[0] - local.detach()), int(round(totals[1].item()))
+        scaled = local * self.grad_scale if self.grad_scale != 1.0 else local
+        return scaled + (totals[0] - scaled.detach()), int(round(totals[1].item()))
+
+    def prepare_model(self, model, ds_config: dict):
+        """Called by the engine right before ``deepspeed.initialize`` (after the optimizer
+        exists). With ZeRO-3 the parameters are partitioned here over the
+        sequence-data-parallel group (all ranks): left to ``deepspeed.initialize``, DeepSpeed
+        0.19 would partition them over ``mpu.get_data_parallel_group()`` only, so gradients
+        would never be summed over sequence-parallel peers. Other stages: unchanged.
+
+        Returns the same module (parameters converted in place).
+        """
+        zero = (ds_config or {}).get("zero_optimization", {}) or {}
+        if int(zero.get("stage", 0)) != 3:
+            return model
+        import deepspeed
+
+        # deepspeed.comm must wrap the existing process group before zero.Init reads the layout
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False,
+                                   dist_init_required=False)
+        deepspeed.zero.Init(module=model,
+                            data_parallel_group=self.mpu.get_sequence_data_parallel_group(),
+                            config_dict_or_path=ds_config, mpu=self.mpu)
+        return model
 
     def _current(self) -> SequenceParallelContext:
         if self._ctx is None:
@@ -91,6 +116,40 @@ class EngineSequenceParallel:
                 "sequence-parallel context used before local_chunk(tokens) started a micro-batch"
             )
         return self._ctx
+
+
+def zero_grad_scale(ds_config: dict, sequence_parallel_size: int) -> float:
+    """Factor on each rank's gradient so DeepSpeed's reduction yields the single-process one.
+
+    ZeRO 0, 1 and 2 (``engine._reduce_non_expert_gradients``, ``stage_1_and_2``) divide the sum
+    over the sequence-data-parallel group by ``world / P``: a sum over sequence-parallel peers, a
+    mean over replicas; factor 1. ZeRO-3's reduce-scatter path (``stage3.__avg_scatter_grads`` ->
+    ``reduce_scatter_coalesced``, DeepSpeed 0.19) divides by the whole group size ``world`` and
+    ignores ``P``, so each rank scales its gradient by ``P``. Its other path (all-reduce of a
+    contiguous bucket, taken only with ``reduce_scatter: false``) does apply ``P`` but falls back
+    to reduce-scatter for buckets larger than ``reduce_bucket_size``, so it cannot be used
+    consistently: ``reduce_scatter: false`` is refused with ZeRO-3.
+
+    Raises:
+        ValueError: ZeRO-3 with ``zero_optimization.reduce_scatter: false`` and ``P > 1``, or
+            ZeRO-3 with quantized gradients (a different reduction path) and ``P > 1``.
+    """
+    zero = (ds_config or {}).get("zero_optimization", {}) or {}
+    if int(zero.get("stage", 0)) != 3 or sequence_parallel_size == 1:
+        return 1.0
+    if zero.get("reduce_scatter", True) is False:
+        raise ValueError(
+            "deepspeed zero_optimization.reduce_scatter: false is not supported with ZeRO-3 and "
+            f"parallel.sequence_parallel_size={sequence_parallel_size}: DeepSpeed scales that "
+            "path's gradients inconsistently (see docs/sequence_parallel.md); remove the key or "
+            "set it to true"
+        )
+    if zero.get("zero_quantized_gradients", False):
+        raise ValueError(
+            "deepspeed zero_optimization.zero_quantized_gradients is not supported with "
+            "sequence parallelism; remove it or set parallel.sequence_parallel_size: 1"
+        )
+    return float(sequence_parallel_size)
 
 
 def engine_context(cfg, dist_info) -> EngineSequenceParallel:
@@ -104,11 +163,13 @@ def engine_context(cfg, dist_info) -> EngineSequenceParallel:
 
     Raises:
         ValueError: non-LLP variant with ``P > 1``; ``model.seq_len`` not divisible by
-            ``P * model.segment_len``; a layout disagreeing with the engine's.
+            ``P * model.segment_len``; a layout disagreeing with the engine's; an unsupported
+            ZeRO-3 reduction setting (:func:`zero_grad_scale`).
     """
     p = int(cfg.parallel.sequence_parallel_size)
     check_sequence_parallel_variant(cfg.model.variant, p)
     check_divisible(cfg.model.seq_len, p, cfg.model.segment_len)
+    grad_scale = zero_grad_scale(getattr(cfg, "ds_config", None), p)
     groups = initialize_sequence_parallel(p)
     t = groups.topology
     if (t.sp_rank, t.dp_rank) != (dist_info.sp_rank, dist_info.dp_rank):
@@ -117,4 +178,4 @@ def engine_context(cfg, dist_info) -> EngineSequenceParallel:
             f"dp_rank={dist_info.dp_rank}) disagrees with llp_pretrain.parallel "
             f"(sp_rank={t.sp_rank}, dp_rank={t.dp_rank}); both must use dp_rank = rank // P"
         )
-    return EngineSequenceParallel(groups, cfg.model.segment_len)
+    return EngineSequenceParallel(groups, cfg.model.segment_len, grad_scale=grad_scale)
