@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="tokenizer + shards + training + eval + sample on the bundled corpus")
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--minutes", type=float, default=None, help="training time budget (default 4 on CPU, 10 on GPU)")
+    p.add_argument("--steps", type=int, default=None, help="train exactly this many steps instead (smoke tests)")
 
     p = sub.add_parser("compare", help="train several variants side by side; results table and plots")
     p.add_argument("--config", required=True, help="compare YAML (e.g. configs/compare/kjv_tiny.yaml)")
@@ -158,7 +159,7 @@ def _cmd_export(args) -> int:
 def _cmd_quickstart(args) -> int:
     from llp_pretrain.quickstart import run_quickstart
 
-    run_quickstart(args.out, args.minutes)
+    run_quickstart(args.out, args.minutes, steps=args.steps, require_margin=args.steps is None)
     return 0
 
 

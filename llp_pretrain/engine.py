@@ -128,6 +128,11 @@ class SequenceParallelContext:
     def reduce_loss(self, loss_sum: torch.Tensor, n_tokens: int) -> Tuple[torch.Tensor, int]:
         return loss_sum, n_tokens
 
+    def prepare_model(self, model, ds_config: Dict[str, Any]):
+        """Called right before ``deepspeed.initialize`` (after the optimizer exists); may convert
+        the model in place (e.g. ZeRO-3 partitioning over the right group). Returns the model."""
+        return model
+
 
 def build_parallel_context(cfg: RunConfig, dist_info: DistInfo) -> SequenceParallelContext:
     """The sequence-parallel context for this run. ``P == 1``: identities. ``P > 1``: built by
@@ -212,6 +217,18 @@ class _Signals:
             signal.signal(s, h)
 
 
+class _AdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW`` whose next ``step()`` can be skipped (non-finite step under ZeRO-0)."""
+
+    skip_next = False
+
+    def step(self, closure=None):
+        if self.skip_next:
+            self.skip_next = False
+            return None
+        return super().step(closure)
+
+
 def _make_optimizer(model, cfg: RunConfig):
     t = cfg.train
     decay, no_decay = [], []
@@ -228,7 +245,7 @@ def _make_optimizer(model, cfg: RunConfig):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+    return _AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)
 
 
 def _layout_meta(cfg: RunConfig, d: DistInfo) -> Dict[str, Any]:
@@ -331,6 +348,7 @@ def train(cfg: RunConfig, resume: Optional[str] = None) -> TrainResult:
     optimizer = _make_optimizer(model, cfg)
     sched_fn = lambda s: lr_at(s, t.lr, t.min_lr, t.warmup_steps, t.max_steps) / t.lr  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, sched_fn)
+    model = sp.prepare_model(model, cfg.ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=cfg.ds_config, mpu=sp.mpu, dist_init_required=False)
     stage = int(cfg.ds_config.get("zero_optimization", {}).get("stage", 0))
@@ -457,6 +475,7 @@ def train(cfg: RunConfig, resume: Optional[str] = None) -> TrainResult:
                 if micro == accum - 1:
                     if bad_any:
                         _discard_step(engine, stage)
+                        grad_norm0 = float("nan")
                     elif stage == 0:  # DeepSpeed reports no norm for ZeRO-0: reduced grads are local
                         grad_norm0 = _grad_norm(engine.module)
                     lr_applied = engine.get_lr()[0]  # the LR this optimizer step uses
@@ -542,12 +561,21 @@ def _grad_norm(module) -> float:
 def _discard_step(engine, stage: int) -> None:
     """Make the coming ``engine.step()`` leave parameters and optimizer moments untouched.
 
-    ZeRO-0 (client torch AdamW): gradients are set to None, which AdamW skips. ZeRO 1-3: the
-    non-finite loss already made the reduced gradients non-finite on every rank, which DeepSpeed
-    treats as an overflow: it skips the update and zeroes the gradients itself."""
+    ZeRO-0 (our AdamW): gradients are zeroed (so clipping sees finite values) and the optimizer's
+    next step is skipped; the LR schedule still advances. ZeRO 1-3: the non-finite loss already
+    made the reduced gradients non-finite on every rank, which DeepSpeed treats as an overflow: it
+    skips the update and zeroes the gradients itself."""
     if stage == 0:
         for p in engine.module.parameters():
-            p.grad = None
+            if p.grad is not None:
+                p.grad.zero_()
+        opt = engine.optimizer
+        while not isinstance(opt, _AdamW) and hasattr(opt, "optimizer"):
+            opt = opt.optimizer
+        if not isinstance(opt, _AdamW):
+            raise RuntimeError("cannot skip a non-finite step: unexpected optimizer wrapper "
+                               f"{type(engine.optimizer).__name__}")
+        opt.skip_next = True
 
 
 def _log_val(monitor: Monitor, step: int, val: Dict[str, float], sample: Optional[str]) -> None:

@@ -74,7 +74,11 @@ def _prepare_data(out: Path, seq_len: int) -> Dict[str, Path]:
     return {"tokenizer": tok_dir / "tokenizer.model", "shards": shard_dir}
 
 
-def run_quickstart(out: str = "runs/quickstart", minutes: Optional[float] = None) -> Dict:
+MIN_STEPS = 400  # fewer do not reliably reach 2x below the unigram perplexity on this corpus
+
+
+def run_quickstart(out: str = "runs/quickstart", minutes: Optional[float] = None, steps: Optional[int] = None,
+                   require_margin: bool = True) -> Dict:
     """Run the quickstart (see module doc). Returns a dict with the measured results:
     ``val`` (model), ``unigram``, ``steps``, ``sample``, ``run_dir``.
 
@@ -97,13 +101,17 @@ def run_quickstart(out: str = "runs/quickstart", minutes: Optional[float] = None
     device = torch.device("cuda" if cuda else "cpu")
     step_time = measure_step_time(cfg, device)
     budget = 60.0 * minutes
-    steps = max(20, int(0.85 * budget / (step_time * 1.15)))  # DeepSpeed/eval/logging overhead ~15 %
+    if steps is None:
+        steps = max(MIN_STEPS, int(0.85 * budget / (step_time * 1.15)))  # DeepSpeed/eval/logging overhead ~15 %
+        if steps * step_time > 1.2 * budget:
+            print(f"[quickstart] note: this machine needs {step_time:.2f} s/step; the {MIN_STEPS} steps the quickstart "
+                  f"needs take ~{steps * step_time / 60:.1f} min (is it busy?)", flush=True)
     print(f"[quickstart] 3/5 training {cfg.model.variant} ({'GPU' if cuda else 'CPU'}): measured {step_time:.3f} s/step "
-          f"-> {steps} steps in ~{minutes:g} min", flush=True)
-    cfg = load_config("configs/quickstart.yaml", overrides + [
-        f"train.max_steps={steps}", f"train.warmup_steps={max(10, steps // 20)}",
-        f"train.eval_interval={max(50, steps // 4)}", f"train.save_interval={max(50, steps // 4)}",
-        f"train.time_limit_minutes={1.3 * minutes}"], world_size=1)
+          f"-> {steps} steps (~{steps * step_time / 60:.1f} min)", flush=True)
+    sets = [f"train.max_steps={steps}", f"train.warmup_steps={max(2, min(30, steps // 20))}",
+            f"train.eval_interval={max(10, steps // 4)}", f"train.save_interval={max(10, steps // 4)}",
+            f"train.log_interval={max(1, min(20, steps // 10))}"]
+    cfg = load_config("configs/quickstart.yaml", overrides + sets, world_size=1)
     res = train(cfg, resume=None if not (run_dir / "checkpoints" / "latest").is_file() else "auto")
 
     print("[quickstart] 4/5 evaluating validation perplexity (strided, stride seq_len/2)", flush=True)
@@ -122,7 +130,7 @@ def run_quickstart(out: str = "runs/quickstart", minutes: Optional[float] = None
     sample = generate_text(str(run_dir), prompt, 60, temperature=0.8, top_k=40, seed=0)
     print(f"[quickstart] 5/5 sample (prompt {prompt!r}):\n{sample}\n", flush=True)
     print(f"[quickstart] view the run:  tensorboard --logdir {run_dir / 'tensorboard'}", flush=True)
-    if not uni.ppl >= 2.0 * val.ppl:
+    if require_margin and not uni.ppl >= 2.0 * val.ppl:
         raise RuntimeError(f"the model's validation perplexity {val.ppl:.2f} does not beat the unigram baseline "
                            f"{uni.ppl:.2f} by 2x; train longer (--minutes)")
     return {"val": val.to_dict(), "unigram": uni.to_dict(), "steps": res.step, "sample": sample,

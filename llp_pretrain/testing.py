@@ -124,11 +124,16 @@ def _train_many(spec_path: str) -> int:
     for job in jobs:
         t0 = time.time()
         cfg = load_config(raw=job["config"], overrides=job.get("overrides", []))
-        res = train(cfg, resume=job.get("resume"))
+        try:
+            out = dataclasses.asdict(train(cfg, resume=job.get("resume")))
+        except Exception as e:  # recorded for jobs that are expected to fail
+            if not job.get("expect_error"):
+                raise
+            out = {"error": str(e), "type": type(e).__name__}
         print(f"[train-many] {cfg.run.output_dir}: {time.time() - t0:.1f}s", flush=True)
         rank = int(os.environ.get("RANK", "0"))
         if job.get("result"):
-            Path(f"{job['result']}.rank{rank}.json").write_text(json.dumps(dataclasses.asdict(res)))
+            Path(f"{job['result']}.rank{rank}.json").write_text(json.dumps(out))
     return 0
 
 

@@ -98,6 +98,9 @@ def single(work):
         _job(work, "mb4x2", train={"max_steps": 1, "micro_batch_size": 4, "grad_accum_steps": 2, "warmup_steps": 0,
                                    "eps": 1.0, "lr": 1.0}, data={"shuffle_buffer": 1}),
         _job(work, "straight", **_resume_sections()),
+        # lr 1e30: the first update makes every later loss non-finite -> skipped, then abort after 3
+        {**_job(work, "nan", train={"max_steps": 10, "lr": 1e30, "min_lr": 0.0, "warmup_steps": 0,
+                                    "max_nonfinite_steps": 3}), "expect_error": True},
     ]
     spec = work / "single.json"
     spec.write_text(json.dumps(jobs))
@@ -162,6 +165,15 @@ def test_micro_batch_8x1_equals_4x2(single):
     torch.manual_seed(cfg.train.seed)
     init = build_model(cfg.model).state_dict()
     assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-4
+
+
+@pytest.mark.timeout(500)
+def test_nonfinite_steps_are_skipped_then_abort(single):
+    res = json.loads((single / "res_nan.rank0.json").read_text())
+    assert res["type"] == "FloatingPointError", res
+    assert "3 non-finite training steps in a row (last at step 4)" in res["error"]
+    skipped = _scalars(single / "nan", "train/skipped_steps")
+    assert [v for _, v in skipped] == [0, 1, 2]  # steps 1..3 logged; step 4 aborted before logging
 
 
 def _resume_sections():
