@@ -36,7 +36,7 @@ LLP_REF = dict(shared_kv=True, rope_layers="first", separate_first_segment_proj=
     ("llp", LLP_REF, 50),
     ("llp", dict(kv_layernorm=True, segment_len=1), 20),
 ])
-@pytest.mark.parametrize("prompt_len", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize("prompt_len", [1, 4, 5])
 def test_cached_decoding_matches_full_forward_every_step(variant, kw, total, prompt_len):
     model = model_for(variant, **kw)
     ids = torch.randint(0, 23, (2, total), generator=torch.Generator().manual_seed(prompt_len))
