@@ -14,8 +14,14 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=find_packages(include=["llp_pretrain", "llp_pretrain.*", "data_prep", "data_prep.*"]),
-    package_data={"data_prep": ["data/kjv.txt.gz", "data/README.md"]},
+    packages=find_packages(include=["llp_pretrain", "llp_pretrain.*", "data_prep", "data_prep.*"])
+    + ["llp_pretrain.configs"],
+    # the run configs ship inside the package (found by llp_pretrain.config.configs_dir when installed)
+    package_dir={"llp_pretrain.configs": "configs"},
+    package_data={
+        "data_prep": ["data/kjv.txt.gz", "data/README.md"],
+        "llp_pretrain.configs": ["*.yaml", "deepspeed/*.json", "compare/*.yaml"],
+    },
     include_package_data=True,
     install_requires=[
         "torch>=2.4",
