@@ -35,7 +35,7 @@ def _batches(seed=5):
                          generator=g)
 
 
-def _dp_sp_worker(rank, world, data_dir, out_dir, zero):
+def _dp_sp_worker(rank, world, data_dir, out_dir, stages):
     import deepspeed
     import torch.distributed as dist
 
@@ -45,46 +45,52 @@ def _dp_sp_worker(rank, world, data_dir, out_dir, zero):
                                      lr_at, setup_distributed)
     from llp_pretrain.models import build_model
 
-    cfg = load_config(raw=_raw_config(data_dir, out_dir, 2, MICRO, zero), world_size=world)
-    d = setup_distributed(cfg.parallel.sequence_parallel_size)
-    t = cfg.train
+    out = {}
+    for zero in stages:  # one set of processes trains once per ZeRO stage (saves start-up time)
+        cfg = load_config(raw=_raw_config(data_dir, out_dir, 2, MICRO, zero), world_size=world)
+        d = setup_distributed(cfg.parallel.sequence_parallel_size)
+        t = cfg.train
+        if not out:
+            # samples the engine's data layout hands this rank
+            stream = TrainStream(cfg.data.path, d.dp_size, d.dp_rank, 0, t.micro_batch_size,
+                                 t.seed, cfg.data.shuffle_buffer, manifest=cfg.manifest)
+            it = iter(stream)
+            out["keys"] = [k for _ in range(3) for k in next(it)["keys"]]
+            out["dp_rank"], out["sp_rank"] = d.dp_rank, d.sp_rank
 
-    # samples the engine's data layout hands this rank
-    stream = TrainStream(cfg.data.path, d.dp_size, d.dp_rank, 0, t.micro_batch_size, t.seed,
-                         cfg.data.shuffle_buffer, manifest=cfg.manifest)
-    it = iter(stream)
-    keys = [k for _ in range(3) for k in next(it)["keys"]]
-
-    torch.manual_seed(t.seed)
-    model = build_model(cfg.model)
-    sp = build_parallel_context(cfg, d)
-    optimizer = _make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_at(s, t.lr, t.min_lr, t.warmup_steps, t.max_steps) / t.lr)
-    model = sp.prepare_model(model, cfg.ds_config)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=cfg.ds_config, mpu=sp.mpu,
-                                           dist_init_required=False)
-    batches = _batches()
-    losses, norms = [], []
-    for s in range(STEPS):
-        mine = batches[s, d.dp_rank * MICRO:(d.dp_rank + 1) * MICRO]
-        loss, _, _ = compute_loss(engine, mine, sp)
-        engine.backward(loss)
-        if zero == 0:  # reduced gradients are in .grad; DeepSpeed does not report their norm
-            norms.append(torch.stack([p.grad.norm() for p in engine.module.parameters()
-                                      if p.grad is not None]).norm().item())
-        engine.step()
-        if zero != 0:
-            norms.append(float(engine.get_global_grad_norm()))
-        losses.append(loss.item())
-    params = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(params, enabled=zero == 3):
-        weights = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
-    dist.barrier()
-    return dict(keys=keys, weights=weights, losses=losses, norms=norms, dp_rank=d.dp_rank, sp_rank=d.sp_rank,
-                layout=(engine.dp_world_size, engine.seq_dp_world_size,
-                        engine.sequence_parallel_size))
+        # the engine's initialisation sequence (engine.train)
+        torch.manual_seed(t.seed)
+        model = build_model(cfg.model)
+        sp = build_parallel_context(cfg, d)
+        optimizer = _make_optimizer(model, cfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_at(s, t.lr, t.min_lr, t.warmup_steps, t.max_steps) / t.lr)
+        model = sp.prepare_model(model, cfg.ds_config)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                               lr_scheduler=scheduler, config=cfg.ds_config,
+                                               mpu=sp.mpu, dist_init_required=False)
+        batches = _batches()
+        losses, norms = [], []
+        for s in range(STEPS):
+            mine = batches[s, d.dp_rank * MICRO:(d.dp_rank + 1) * MICRO]
+            loss, _, _ = compute_loss(engine, mine, sp)
+            engine.backward(loss)
+            if zero == 0:  # reduced gradients are in .grad; DeepSpeed does not report their norm
+                norms.append(torch.stack([p.grad.norm() for p in engine.module.parameters()
+                                          if p.grad is not None]).norm().item())
+            engine.step()
+            if zero != 0:
+                norms.append(float(engine.get_global_grad_norm()))
+            losses.append(loss.item())
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=zero == 3):
+            weights = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+        dist.barrier()
+        out[zero] = dict(weights=weights, losses=losses, norms=norms,
+                         layout=(engine.dp_world_size, engine.seq_dp_world_size,
+                                 engine.sequence_parallel_size))
+        engine.destroy()
+    return out
 
 
 def _reference(data_dir, out_dir):
@@ -115,44 +121,48 @@ def _reference(data_dir, out_dir):
     return {n: p.detach().clone() for n, p in model.named_parameters()}, losses, norms
 
 
+STAGES = (0, 2, 3)
+
+
 @pytest.mark.distributed
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("zero", [0, 2, 3])
-def test_dp2_sp2_matches_single_process(zero, tmp_path):
+@pytest.mark.timeout(420)
+def test_dp2_sp2_matches_single_process(tmp_path):
     from llp_pretrain.testing import write_tiny_dataset
 
     data_dir = tmp_path / "data"
     write_tiny_dataset(data_dir, seq_len=MODEL["seq_len"], train_samples=[8, 8, 8, 8],
                        vocab_size=MODEL["vocab_size"])
-    res = run_ranks(_dp_sp_worker, 4, args=(str(data_dir), str(tmp_path / "run"), zero),
-                    timeout=200, tmp=tmp_path / "out")
+    res = run_ranks(_dp_sp_worker, 4, args=(str(data_dir), str(tmp_path / "run"), STAGES),
+                    timeout=400, tmp=tmp_path / "out")
     ref_w, ref_losses, ref_norms = _reference(str(data_dir), str(tmp_path / "ref"))
+    init_w = _initial_weights(str(data_dir), str(tmp_path / "init"))
 
+    # layout: SP peers are consecutive ranks
+    assert [(r["dp_rank"], r["sp_rank"]) for r in res] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     # data: sequence-parallel peers read identical samples, data-parallel groups different ones
     assert res[0]["keys"] == res[1]["keys"] and res[2]["keys"] == res[3]["keys"]
     assert not set(res[0]["keys"]) & set(res[2]["keys"])
-    # the loss a rank reports is that of its data-parallel group's whole samples (equal on SP
-    # peers); the mean over the two groups is the single-process global-batch loss
-    for s in range(STEPS):
-        assert res[0]["losses"][s] == pytest.approx(res[1]["losses"][s], rel=1e-6)
-        mean = (res[0]["losses"][s] + res[2]["losses"][s]) / 2
-        assert mean == pytest.approx(ref_losses[s], rel=1e-5)
-        # gradient magnitude (Adam would hide a wrong scale in the weights): DeepSpeed's global
-        # norm of the reduced gradient before clipping equals the single-process one
-        for r in res:
-            assert r["norms"][s] == pytest.approx(ref_norms[s], rel=1e-4), (s, r["norms"], ref_norms)
-    # training moved the weights, identically on every rank and as in one process
-    moved = max((ref_w[n] - p).abs().max().item() for n, p in
-                _initial_weights(str(data_dir), str(tmp_path / "init")).items())
-    assert moved > 1e-3
-    for r in res:
-        for name, w in ref_w.items():
-            err = (r["weights"][name] - w).abs().max().item()
-            assert err < 2e-5, (name, err)
-
-    # layout: SP peers are consecutive ranks; DeepSpeed sees dp=2, seq-dp=4, sp=2
-    assert [(r["dp_rank"], r["sp_rank"]) for r in res] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert all(r["layout"] == (2, 4, 2) for r in res)
+    # training moved the weights
+    assert max((ref_w[n] - p).abs().max().item() for n, p in init_w.items()) > 1e-3
+    for zero in STAGES:
+        rz = [r[zero] for r in res]
+        # DeepSpeed sees data-parallel 2, sequence-data-parallel 4, sequence-parallel 2
+        assert all(r["layout"] == (2, 4, 2) for r in rz), zero
+        for s in range(STEPS):
+            # the loss a rank reports is that of its data-parallel group's whole samples (equal
+            # on SP peers); the mean over the two groups is the single-process global-batch loss
+            assert rz[0]["losses"][s] == pytest.approx(rz[1]["losses"][s], rel=1e-6), zero
+            mean = (rz[0]["losses"][s] + rz[2]["losses"][s]) / 2
+            assert mean == pytest.approx(ref_losses[s], rel=1e-5), (zero, s)
+            # gradient magnitude (Adam would hide a wrong scale in the weights): the global norm
+            # of the reduced gradient before clipping equals the single-process one
+            for r in rz:
+                assert r["norms"][s] == pytest.approx(ref_norms[s], rel=1e-4), (zero, s)
+        # same weights on every rank and as in one process
+        for r in rz:
+            for name, w in ref_w.items():
+                err = (r["weights"][name] - w).abs().max().item()
+                assert err < 2e-5, (zero, name, err)
 
 
 def _initial_weights(data_dir, out_dir):
