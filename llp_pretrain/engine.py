@@ -245,7 +245,11 @@ def _make_optimizer(model, cfg: RunConfig):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, adamw_mode=True)
-    return _AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+    if int(zero.get("stage", 0)) == 0 and resolved_precision(t) == "fp32":
+        return _AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)  # DeepSpeed calls it directly
+    # ZeRO 1-3 and bf16 wrap the optimizer (and skip overflowing steps themselves); DeepSpeed only
+    # accepts the stock class there
+    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)
 
 
 def _layout_meta(cfg: RunConfig, d: DistInfo) -> Dict[str, Any]:
@@ -474,7 +478,7 @@ def train(cfg: RunConfig, resume: Optional[str] = None) -> TrainResult:
                 engine.backward(loss)
                 if micro == accum - 1:
                     if bad_any:
-                        _discard_step(engine, stage)
+                        _discard_step(engine, stage if prec == "fp32" else -1)
                         grad_norm0 = float("nan")
                     elif stage == 0:  # DeepSpeed reports no norm for ZeRO-0: reduced grads are local
                         grad_norm0 = _grad_norm(engine.module)
@@ -561,8 +565,8 @@ def _grad_norm(module) -> float:
 def _discard_step(engine, stage: int) -> None:
     """Make the coming ``engine.step()`` leave parameters and optimizer moments untouched.
 
-    ZeRO-0 (our AdamW): gradients are zeroed (so clipping sees finite values) and the optimizer's
-    next step is skipped; the LR schedule still advances. ZeRO 1-3: the non-finite loss already
+    ZeRO-0 in fp32 (our AdamW): gradients are zeroed (so clipping sees finite values) and the optimizer's
+    next step is skipped; the LR schedule still advances. ZeRO 1-3 and bf16 (``stage=-1``): the non-finite loss already
     made the reduced gradients non-finite on every rank, which DeepSpeed treats as an overflow: it
     skips the update and zeroes the gradients itself."""
     if stage == 0:

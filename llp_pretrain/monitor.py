@@ -38,10 +38,10 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = 0.0
-    end = time.perf_counter() + seconds
     for _ in range(3):
         (a @ b)
-    while time.perf_counter() < end:
+    end = time.perf_counter() + seconds
+    while best == 0.0 or time.perf_counter() < end:  # at least one timed round, however busy the machine
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -49,7 +49,7 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
             a @ b
         if device.type == "cuda":
             torch.cuda.synchronize()
-        dt = time.perf_counter() - t
+        dt = max(time.perf_counter() - t, 1e-9)
         best = max(best, 4 * 2 * n ** 3 / dt)
     return best
 

@@ -99,8 +99,8 @@ def run_quickstart(out: str = "runs/quickstart", minutes: Optional[float] = None
     overrides += [f"data.path={paths['shards']}", f"data.tokenizer={paths['tokenizer']}", f"run.output_dir={run_dir}"]
     cfg = load_config("configs/quickstart.yaml", overrides, world_size=1)
     device = torch.device("cuda" if cuda else "cpu")
-    step_time = measure_step_time(cfg, device)
     budget = 60.0 * minutes
+    step_time = measure_step_time(cfg, device) if steps is None else float("nan")
     if steps is None:
         steps = max(MIN_STEPS, int(0.85 * budget / (step_time * 1.15)))  # DeepSpeed/eval/logging overhead ~15 %
         if steps * step_time > 1.2 * budget:

@@ -98,6 +98,8 @@ def single(work):
         _job(work, "mb4x2", train={"max_steps": 1, "micro_batch_size": 4, "grad_accum_steps": 2, "warmup_steps": 0,
                                    "eps": 1.0, "lr": 1.0}, data={"shuffle_buffer": 1}),
         _job(work, "straight", **_resume_sections()),
+        _job(work, "bf16", data={"num_workers": 2, "shuffle_buffer": 1},
+             train={"max_steps": 4, "micro_batch_size": 2, "grad_accum_steps": 2, "precision": "bf16"}),
         # lr 1e30: the first update makes every later loss non-finite -> skipped, then abort after 3
         {**_job(work, "nan", train={"max_steps": 10, "lr": 1e30, "min_lr": 0.0, "warmup_steps": 0,
                                     "max_nonfinite_steps": 3}), "expect_error": True},
@@ -165,6 +167,16 @@ def test_micro_batch_8x1_equals_4x2(single):
     torch.manual_seed(cfg.train.seed)
     init = build_model(cfg.model).state_dict()
     assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-4
+
+
+@pytest.mark.timeout(500)
+def test_bf16_on_cpu_follows_fp32_curve(single):
+    ref, got = _scalars(single / "ref", "train/loss"), _scalars(single / "bf16", "train/loss")
+    assert [s for s, _ in got] == [1, 2, 3, 4]
+    assert all(abs(a - b) < 0.03 for (_, a), (_, b) in zip(ref, got)), (ref, got)
+    assert ref != got  # it really ran in bf16
+    w = _weights(single / "bf16")  # consolidated fp32 export of a bf16 run
+    assert all(v.dtype == torch.float32 for v in w.values())
 
 
 @pytest.mark.timeout(500)
