@@ -13,7 +13,7 @@ Public API (see ``docs/sequence_parallel.md``):
   (``engine.build_parallel_context``).
 """
 from .chunking import LocalChunk, check_divisible, local_chunk
-from .engine_glue import EngineSequenceParallel, engine_context
+from .engine_glue import EngineSequenceParallel, engine_context, zero_grad_scale
 from .groups import SequenceParallelGroups, Topology, initialize_sequence_parallel, make_topology
 from .halo import CommCounter, CommRecord, SequenceParallelContext
 from .loss import (
@@ -38,4 +38,5 @@ __all__ = [
     "local_chunk",
     "make_topology",
     "sequence_parallel_lm_loss",
+    "zero_grad_scale",
 ]

@@ -49,7 +49,8 @@ def sequence_parallel_lm_loss(
     groups: SequenceParallelGroups,
     segment_len: Optional[int] = None,
     counter: Optional[CommCounter] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    grad_scale: float = 1.0,
+) -> Tuple[torch.Tensor, int]:
     """The sequence-parallel counterpart of ``llp_pretrain.models.lm_loss``.
 
     Args:
@@ -59,6 +60,8 @@ def sequence_parallel_lm_loss(
         groups: the process groups (:func:`initialize_sequence_parallel`).
         segment_len: LLP ``L``; read from the model's config when omitted.
         counter: optional :class:`CommCounter` recording the halo transfers.
+        grad_scale: factor on the back-propagated gradient (not on the value); ``P`` under
+            DeepSpeed ZeRO-3 (:func:`~llp_pretrain.parallel.engine_glue.zero_grad_scale`).
 
     Returns:
         ``(loss_sum, n_tokens)`` (fp32 scalar tensor in nats, int) equal on all ranks of the
@@ -91,6 +94,8 @@ def sequence_parallel_lm_loss(
     )
     dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=groups.get_sequence_parallel_group())
     # value: the group's total; gradient: this rank's own tokens only
+    if grad_scale != 1.0:
+        local_sum = local_sum * grad_scale
     loss_sum = local_sum + (totals[0] - local_sum.detach())
     return loss_sum, int(round(totals[1].item()))
 
