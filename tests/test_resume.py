@@ -1,0 +1,77 @@
+"""Checkpoint bookkeeping: an interrupted save never becomes `latest`, retention, resume lookup, RNG.
+
+(The end-to-end SIGKILL/SIGTERM resume runs real processes in ``test_engine.py``.)"""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from llp_pretrain import checkpoint as ckpt
+from llp_pretrain.engine import lr_at
+
+
+def _fake_save(d, step, complete=True):
+    tag = ckpt.tag_for(step)
+    (d / tag).mkdir(parents=True)
+    (d / tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    if complete:
+        ckpt.finalize_save(d, tag, {"step": step}, keep=2)
+    return tag
+
+
+def test_interrupted_save_never_becomes_latest(tmp_path):
+    d = tmp_path / "checkpoints"
+    _fake_save(d, 4)
+    _fake_save(d, 8, complete=False)  # killed while saving: DeepSpeed files, no run_meta.json
+    assert ckpt.read_latest(d) == "step00000004"
+    assert ckpt.resolve_resume("auto", d) == (d, "step00000004")
+    with pytest.raises(FileNotFoundError, match="interrupted while saving"):
+        ckpt.read_meta(d / "step00000008")
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        ckpt.resolve_resume(str(d / "step00000008"), d)
+    # a stale `latest` pointing at an incomplete tag is ignored too
+    (d / "latest").write_text("step00000008\n")
+    assert ckpt.read_latest(d) is None
+
+
+def test_keep_last_k_and_cleanup(tmp_path):
+    d = tmp_path / "checkpoints"
+    _fake_save(d, 2, complete=False)
+    for s in (4, 6, 8, 10):
+        _fake_save(d, s)
+    assert ckpt.complete_tags(d) == ["step00000008", "step00000010"]
+    assert not (d / "step00000002").exists()  # incomplete and older than the latest: removed
+    assert ckpt.read_latest(d) == "step00000010"
+
+
+def test_resume_paths(tmp_path):
+    run = tmp_path / "run"
+    d = run / "checkpoints"
+    _fake_save(d, 3)
+    assert ckpt.resolve_resume(None, d) is None
+    assert ckpt.resolve_resume("auto", tmp_path / "other" / "checkpoints") is None  # fresh start
+    assert ckpt.resolve_resume(str(run), d) == (d, "step00000003")
+    assert ckpt.resolve_resume(str(d), d) == (d, "step00000003")
+    assert ckpt.resolve_resume(str(d / "step00000003"), d) == (d, "step00000003")
+    with pytest.raises(FileNotFoundError):
+        ckpt.resolve_resume(str(tmp_path / "nope"), d)
+
+
+def test_rng_round_trip(tmp_path):
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    ckpt.save_rank_rng(tmp_path, 3)
+    a = (random.random(), np.random.rand(), torch.rand(2))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    assert ckpt.load_rank_rng(tmp_path, 3)
+    b = (random.random(), np.random.rand(), torch.rand(2))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+    assert not ckpt.load_rank_rng(tmp_path, 4)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    lrs = [lr_at(s, 1.0, 0.1, 4, 20) for s in range(21)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == pytest.approx(1.0) and lrs[20] == pytest.approx(0.1)
+    assert lrs[12] == pytest.approx(0.55)  # half-way through the cosine: (1 + 0.1) / 2
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
