@@ -36,7 +36,7 @@ import torch
 
 from llp_pretrain import checkpoint as ckpt
 from llp_pretrain.config import RunConfig, dump_yaml, resolve_tokenizer, resolved_precision
-from llp_pretrain.data import TrainStream, make_train_loader, read_split_stream
+from llp_pretrain.data import DataLayoutError, TrainStream, make_train_loader, read_split_stream
 from llp_pretrain.evaluate import bytes_per_token, score_windows, summarize, window_plan
 from llp_pretrain.monitor import Monitor, format_eta, measure_peak_flops, memory_gb
 
@@ -391,12 +391,20 @@ def train(cfg: RunConfig, resume: Optional[str] = None) -> TrainResult:
     # validation windows (this dp rank's share; same count on every rank for ZeRO-3's collective forward)
     val_cache: Dict[str, Any] = {}
 
-    def run_eval() -> Dict[str, float]:
+    def run_eval() -> Optional[Dict[str, float]]:
+        if val_cache.get("unavailable"):
+            return None
         if "plan" not in val_cache:
             trained = model.trained_positions(seq_len)
             tlen = trained.stop - trained.start
-            stream_np = read_split_stream(cfg.data.path, "val", cfg.manifest, max_samples=cfg.data.val_samples + 1)
-            plan = window_plan(len(stream_np), seq_len, tlen, tlen)[: cfg.data.val_samples]
+            try:
+                stream_np = read_split_stream(cfg.data.path, "val", cfg.manifest,
+                                              max_samples=cfg.data.val_samples + 1)
+                plan = window_plan(len(stream_np), seq_len, tlen, tlen)[: cfg.data.val_samples]
+            except (DataLayoutError, ValueError) as e:  # same data on every rank: all skip together
+                monitor.console(f"[llp-pretrain] warning: no validation during training ({e})")
+                val_cache["unavailable"] = True
+                return None
             val_cache.update(stream=torch.from_numpy(stream_np), plan=plan[d.dp_rank::d.dp_size], tlen=tlen,
                              n_batches=math.ceil(math.ceil(len(plan) / d.dp_size) / t.micro_batch_size))
         engine.eval()
@@ -582,7 +590,9 @@ def _discard_step(engine, stage: int) -> None:
         opt.skip_next = True
 
 
-def _log_val(monitor: Monitor, step: int, val: Dict[str, float], sample: Optional[str]) -> None:
+def _log_val(monitor: Monitor, step: int, val: Optional[Dict[str, float]], sample: Optional[str]) -> None:
+    if val is None:
+        return
     monitor.scalars(step, {"val/loss": val["loss"], "val/ppl": val["ppl"], "val/bits_per_byte": val["bits_per_byte"]})
     monitor.console(f"eval  {step:>7d} | val loss {val['loss']:.4f} | ppl {val['ppl']:.2f} | "
                     f"bpb {val['bits_per_byte'] if val['bits_per_byte'] is not None else float('nan'):.4f} | "
