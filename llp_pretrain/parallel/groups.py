@@ -229,7 +229,7 @@ def initialize_sequence_parallel(sequence_parallel_size: int) -> SequenceParalle
     topo = make_topology(rank, world, sequence_parallel_size)
     p, dp = topo.sequence_parallel_size, topo.data_parallel_size
 
-    sp_group = dp_group = self_group = None
+    sp_group = dp_group = None
     # dist.new_group must be called by every rank for every group, in the same order.
     for j in range(dp):
         ranks = [j * p + i for i in range(p)]
@@ -242,10 +242,8 @@ def initialize_sequence_parallel(sequence_parallel_size: int) -> SequenceParalle
         if rank in ranks:
             dp_group = g
     world_group = dist.new_group(ranks=list(range(world)))
-    for r in range(world):
-        g = dist.new_group(ranks=[r])
-        if r == rank:
-            self_group = g
+    # the one-rank "model-parallel" group: only its member needs to take part in creating it
+    self_group = dist.new_group(ranks=[rank], use_local_synchronization=True)
 
     device = _collective_device()
     for g in (sp_group, dp_group, world_group):
