@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import socket
 import statistics
 import sys
@@ -199,6 +200,7 @@ def main(argv=None):
         )
         print(f"P={p}: {json.dumps(rows[p]['fixed_seq_len'])} longest={r0['longest_seq_len']}",
               file=sys.stderr, flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # per-rank result files
     ratios = {}
     for a, b in zip(sizes, sizes[1:]):
         la, lb = rows[a]["budget"]["longest_seq_len"], rows[b]["budget"]["longest_seq_len"]
