@@ -31,7 +31,7 @@ GPU_OVERRIDES = ["model.d_model=384", "model.n_heads=6", "model.n_layers=6", "mo
 
 def measure_step_time(cfg, device: torch.device, steps: int = 3) -> float:
     """Seconds per optimizer step of ``cfg``'s model at its micro-batch (forward+backward+AdamW, no
-    DeepSpeed), median of ``steps`` after one warm-up step."""
+    DeepSpeed), fastest of ``steps`` after one warm-up step."""
     from llp_pretrain.models import build_model, lm_loss
 
     model = build_model(cfg.model).to(device)
@@ -49,7 +49,7 @@ def measure_step_time(cfg, device: torch.device, steps: int = 3) -> float:
             torch.cuda.synchronize()
         if i:
             times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    return float(min(times))
 
 
 def _prepare_data(out: Path, seq_len: int) -> Dict[str, Path]:

@@ -31,6 +31,9 @@ CLI = str(Path(sys.executable).with_name("llp-pretrain"))
 
 pytestmark = [pytest.mark.distributed]
 
+# tied input/output embeddings in the ZeRO comparison runs: export must rebuild shared tensors too
+TIED = {"tie_embeddings": True}
+
 
 def _env():
     env = dict(os.environ)
@@ -89,7 +92,7 @@ def _job(work, name, result=True, **sections):
 @pytest.fixture(scope="module")
 def single(work):
     jobs = [
-        _job(work, "ref", data={"num_workers": 2, "shuffle_buffer": 1},
+        _job(work, "ref", data={"num_workers": 2, "shuffle_buffer": 1}, model=TIED,
              train={"max_steps": 4, "micro_batch_size": 2, "grad_accum_steps": 2}),
         # eps = 1 makes Adam's first update smooth in the gradient (not ~lr * sign(g)), so rounding-level
         # gradient differences stay rounding-level weight differences
@@ -112,11 +115,12 @@ def single(work):
 
 @pytest.fixture(scope="module")
 def two_ranks(work):
-    jobs = [_job(work, f"z{st}", data={"num_workers": 1, "shuffle_buffer": 1},
+    jobs = [_job(work, f"z{st}", data={"num_workers": 1, "shuffle_buffer": 1}, model=TIED,
                  train={"max_steps": 4, "micro_batch_size": 2}, deepspeed=f"configs/deepspeed/zero{st}.json")
             for st in (0, 1, 2, 3)]
     jobs.append(_job(work, "z2ckpt", data={"num_workers": 1, "shuffle_buffer": 1},
-                     train={"max_steps": 4, "micro_batch_size": 2}, model={"checkpoint_activations": True},
+                     train={"max_steps": 4, "micro_batch_size": 2},
+                     model={**TIED, "checkpoint_activations": True},
                      deepspeed="configs/deepspeed/zero2.json"))
     jobs.append(_job(work, "uneven", ds="uneven", data={"num_workers": 1, "shuffle_buffer": 2},
                      train={"max_steps": 7, "micro_batch_size": 2, "log_interval": 7}))
@@ -305,6 +309,8 @@ def test_export_round_trip_and_eval(kill_resume, two_ranks, tmp_path):
             assert torch.equal(exported[k], state[k].float()), k
         model, cfg, _ = load_model(out)
         assert cfg["d_model"] == 32
+        if cfg["tie_embeddings"]:
+            assert torch.equal(exported["tok_emb.weight"], exported["lm_head.weight"])
         for k, v in model.state_dict().items():
             assert torch.equal(v, exported[k])
     # eval on the exported model equals eval on the checkpoint
