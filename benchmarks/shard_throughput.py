@@ -124,6 +124,8 @@ def main() -> None:
             "shard_tokens_per_s_median": round(shard),
             "ratio_median": round(shard / raw, 3),
             "ratio_per_run": [round(s / r, 3) for s, r in zip(runs[w]["shard"], runs[w]["raw"])],
+            "ratio_per_run_median": round(statistics.median(
+                s / r for s, r in zip(runs[w]["shard"], runs[w]["raw"])), 3),
             "raw_tokens_per_cpu_s_median": round(statistics.median(runs[w]["raw_cpu"])),
             "shard_tokens_per_cpu_s_median": round(statistics.median(runs[w]["shard_cpu"])),
             "cpu_ratio_median": round(statistics.median(runs[w]["shard_cpu"])
