@@ -17,7 +17,6 @@ import numpy as np
 
 from .errors import DataPrepError
 from .manifest import MANIFEST, PARTIAL_SUFFIX, SHARD_RE, SPLITS, read_manifest, sample_key
-from .tokenizer import file_sha256
 
 MAX_ERRORS = 200
 _REQUIRED = ("format_version", "seq_len", "dtype", "tokenizer", "shards", "totals")
@@ -35,9 +34,26 @@ class _Report:
             self.errors.append("... more errors not shown")
 
 
-def _iter_samples(path: Path):
-    """Yield ``(key, {ext: bytes})`` per sample of a tar, in member order."""
-    with tarfile.open(path, mode="r|") as tf:
+class _HashingReader:
+    """Read-only file wrapper that sha256-hashes what is read (one pass: hash + parse)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.h = f, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n)
+        self.h.update(b)
+        return b
+
+    def finish(self) -> str:
+        for b in iter(lambda: self.f.read(1 << 20), b""):
+            self.h.update(b)
+        return self.h.hexdigest()
+
+
+def _iter_samples(fileobj):
+    """Yield ``(key, {ext: bytes})`` per sample of a tar stream, in member order."""
+    with tarfile.open(fileobj=fileobj, mode="r|") as tf:
         key, files = None, {}
         for member in tf:
             if not member.isfile():
@@ -119,12 +135,12 @@ def verify_dataset(directory: os.PathLike, check_hashes: bool = True) -> Dict:
         if "bytes" in sh and size != sh["bytes"]:
             rep.error(f"shard {name}: {size} bytes on disk, manifest says {sh['bytes']} "
                       f"(truncated or replaced)")
-        if check_hashes and file_sha256(path) != sh.get("sha256"):
-            rep.error(f"shard {name}: sha256 differs from the manifest (the file was modified)")
         n_samples = n_tokens = 0
         last_key = None
+        raw = open(path, "rb")
+        reader = _HashingReader(raw)
         try:
-            for key, files in _iter_samples(path):
+            for key, files in _iter_samples(reader):
                 where = f"shard {name} sample {key}"
                 if "." in key or not key:
                     rep.error(f"{where}: bad key")
@@ -180,6 +196,11 @@ def verify_dataset(directory: os.PathLike, check_hashes: bool = True) -> Dict:
             after = f"after sample {last_key}" if last_key else "before its first sample"
             rep.error(f"shard {name}: truncated or corrupt tar {after} ({e})")
             last_token[split] = None
+        finally:
+            digest = reader.finish()
+            raw.close()
+        if check_hashes and digest != sh.get("sha256"):
+            rep.error(f"shard {name}: sha256 differs from the manifest (the file was modified)")
         if n_samples != sh.get("samples"):
             rep.error(f"shard {name}: holds {n_samples} samples, manifest says {sh.get('samples')}")
             # keep later shards' index checks aligned with the manifest
