@@ -483,6 +483,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: Optional[List[
         elif ga is not None and train is not None:
             train.grad_accum_steps = ga
             train.global_batch_size = gb
+    if manifest is not None and data is not None and dp is not None:
+        n_train = sum(1 for sh in manifest.get("shards", []) if sh.get("split") == "train")
+        readers = dp * max(1, data.num_workers)
+        if n_train < readers:
+            problems.append(("data.num_workers", f"{n_train} train shard(s) cannot feed data_parallel_size={dp} x "
+                             f"num_workers={max(1, data.num_workers)} = {readers} readers (each reads whole shards); "
+                             "lower data.num_workers or re-shard with more, smaller shards "
+                             "(`llp-prep shard --samples-per-shard`)"))
     if train is not None:
         if train.min_lr > train.lr:
             problems.append(("train.min_lr", f"{train.min_lr} is above train.lr {train.lr}"))

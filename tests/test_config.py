@@ -85,6 +85,13 @@ def test_layout_rules(ds, tmp_path):
     assert "needs model.variant: llp" in msg
 
 
+def test_too_few_shards_for_ranks_and_workers(ds, tmp_path):
+    raw = tiny_run_config(ds, tmp_path / "run", data={"num_workers": 2})
+    load_config(raw=raw, world_size=1)  # 2 shards feed 1 rank x 2 workers
+    with pytest.raises(ConfigError, match="2 train shard.*data_parallel_size=2 x num_workers=2 = 4 readers"):
+        load_config(raw=raw, world_size=2)
+
+
 def test_deepspeed_json_conflicts_with_yaml(ds, tmp_path):
     js = tmp_path / "ds.json"
     js.write_text(json.dumps({"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 7,
