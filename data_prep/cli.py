@@ -21,6 +21,9 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--doc-sep", choices=DOC_SEPS, default="file",
                    help="plain text: one document per file (default) or documents separated by "
                         "blank lines")
+    p.add_argument("--merge-short", type=int, default=0, metavar="CHARS",
+                   help="with --doc-sep blank-line: join a paragraph shorter than CHARS characters "
+                        "to the next one (e.g. chapter titles to their chapters)")
     p.add_argument("--format", dest="input_format", choices=FORMATS, default="auto",
                    help="auto: *.jsonl/*.ndjson/*.json[.gz|.xz|.zst] are JSON Lines, the rest text")
     p.add_argument("--text-key", default="text", help="JSON Lines field holding the text")
@@ -36,7 +39,8 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
 
 def _read_options(a) -> ReadOptions:
     return ReadOptions(doc_sep=a.doc_sep, text_key=a.text_key, errors=a.errors, strict=a.strict,
-                       max_line_bytes=a.max_line_bytes, input_format=a.input_format)
+                       max_line_bytes=a.max_line_bytes, input_format=a.input_format,
+                       merge_short=a.merge_short)
 
 
 def build_parser() -> argparse.ArgumentParser:

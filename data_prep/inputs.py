@@ -63,8 +63,14 @@ class ReadOptions:
     strict: bool = False             # JSONL: fail (file:line) instead of counting bad lines
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     input_format: str = "auto"       # "auto" (by extension) | "text" | "jsonl"
+    merge_short: int = 0             # blank-line mode: join paragraphs shorter than this many
+                                     # characters to the next one (e.g. a title to its chapter)
 
     def validate(self) -> None:
+        if self.merge_short < 0:
+            raise DataPrepError(f"--merge-short must be >= 0, got {self.merge_short}")
+        if self.merge_short and self.doc_sep != "blank-line":
+            raise DataPrepError("--merge-short only applies with --doc-sep blank-line")
         if self.doc_sep not in DOC_SEPS:
             raise DataPrepError(f"--doc-sep {self.doc_sep!r}: choose one of {', '.join(DOC_SEPS)}")
         if self.errors not in ERRORS:
@@ -379,6 +385,27 @@ def _paragraph_documents(src: Source, blocks: Iterable[str],
         skips.add("empty_documents", where=f"{src.path} (end of file)")
 
 
+def _merge_short(docs: Iterable[Tuple[int, str, bool]],
+                 min_chars: int) -> Iterator[Tuple[int, str, bool]]:
+    """Join each paragraph shorter than ``min_chars`` characters to the next paragraph of the same
+    file, with a blank line (``"\n\n"``) between them; the joined document keeps the first
+    paragraph's ordinal. A short paragraph at the end of a file stays on its own."""
+    pending: Optional[Tuple[int, str]] = None
+    first = True
+    for ordinal, piece, last in docs:
+        if first:
+            if pending is not None:
+                ordinal, piece = pending[0], pending[1] + "\n\n" + piece
+                pending = None
+            if last and len(piece) < min_chars:
+                pending = (ordinal, piece)
+                continue
+        yield ordinal, piece, last
+        first = last
+    if pending is not None:
+        yield pending[0], pending[1], True
+
+
 def _jsonl_documents(src: Source, opts: ReadOptions, skips: SkipCounter,
                      progress: ProgressFn) -> Iterator[Tuple[int, str, bool]]:
     """One document per JSON Lines record, taken from ``opts.text_key``; ordinal = line number."""
@@ -490,7 +517,8 @@ def iter_source_documents(src: Source, opts: ReadOptions, skips: SkipCounter,
         return
     blocks = _iter_text_blocks(src, opts, skips, progress)
     if opts.doc_sep == "blank-line":
-        yield from _paragraph_documents(src, blocks, skips)
+        docs = _paragraph_documents(src, blocks, skips)
+        yield from (_merge_short(docs, opts.merge_short) if opts.merge_short else docs)
     else:
         yield from _file_document(src, blocks, skips)
 

@@ -364,6 +364,7 @@ def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.Path
         "strict": opts.strict,
         "max_line_bytes": opts.max_line_bytes,
         "input_format": opts.input_format,
+        "merge_short": opts.merge_short,
         "piece_chars": PIECE_CHARS,
     }
     fp = fingerprint({"settings": settings, "format_version": FORMAT_VERSION,

@@ -232,7 +232,7 @@ def train_tokenizer(inputs: Sequence[str], out_dir: os.PathLike, *, vocab_size: 
 def _opts_dict(opts: ReadOptions) -> Dict:
     return {"doc_sep": opts.doc_sep, "text_key": opts.text_key, "errors": opts.errors,
             "strict": opts.strict, "max_line_bytes": opts.max_line_bytes,
-            "input_format": opts.input_format}
+            "input_format": opts.input_format, "merge_short": opts.merge_short}
 
 
 def _check_ids(sp, path) -> None:

@@ -170,3 +170,15 @@ def test_missing_input_and_bad_option(tmp_path):
         discover([str(tmp_path / "nope.txt")])
     with pytest.raises(DataPrepError, match="--doc-sep"):
         ReadOptions(doc_sep="paragraph").validate()
+
+
+def test_merge_short_joins_titles_to_their_chapters(tmp_path):
+    f = tmp_path / "bible.txt"
+    f.write_text("\nGenesis 1\n\n  1 In the beginning.\n  2 And the earth.\n\nGenesis 2\n\n"
+                 "  1 Thus the heavens.\n\n\nA\n\nB\n\nlong enough paragraph\n\nEnd", encoding="utf-8")
+    docs, _ = read_docs([f], doc_sep="blank-line", merge_short=12)
+    assert docs == ["Genesis 1\n\n  1 In the beginning.\n  2 And the earth.",
+                    "Genesis 2\n\n  1 Thus the heavens.",
+                    "A\n\nB\n\nlong enough paragraph", "End"]
+    with pytest.raises(DataPrepError, match="--merge-short"):
+        ReadOptions(merge_short=5).validate()
