@@ -242,11 +242,15 @@ class SequenceParallelContext:
     def halo_loss_term(self) -> torch.Tensor:
         """Zero scalar (fp32) to add to this rank's loss so every exchange's backward runs.
 
-        Returns a plain ``0.0`` tensor when no exchange recorded a graph (evaluation, P = 1).
+        Call it once per forward, after the model: it hands over (and forgets) the anchors of the
+        exchanges made so far, so the context holds no reference into the autograd graph (no
+        reference cycle keeping activations alive). Returns a plain ``0.0`` tensor when no
+        exchange recorded a graph (evaluation, ``P = 1``).
         """
-        if not self._anchors:
+        anchors, self._anchors = self._anchors, []
+        if not anchors:
             return torch.zeros(())
-        return torch.stack([a.float() for a in self._anchors]).sum()
+        return torch.stack([a.float() for a in anchors]).sum()
 
     # --- internals ---------------------------------------------------------------------------
     def _find_replay(self, k, v) -> _CacheEntry:
