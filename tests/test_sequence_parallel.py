@@ -15,6 +15,7 @@ CONFIGS = [
     dict(),
     dict(checkpoint_activations=True),
     dict(shared_kv=True, separate_first_segment_proj=True, checkpoint_activations=True),
+    dict(kv_layernorm=True, rope_layers="first", tie_embeddings=True),
 ]
 
 
