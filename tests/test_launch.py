@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,32 @@ def test_hostfile_fanout_and_deepspeed_launcher_form_a_gloo_group(tiny, tmp_path
         assert [rec["allreduce_sum"] for rec in recs] == [3.0, 3.0]       # 1 + 2 over a group of 2
         assert [rec["env"]["RANK"] for rec in recs] == ["0", "1"]
         assert {rec["env"]["MASTER_ADDR"] for rec in recs} <= {"127.0.0.1", "localhost"}
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(200)
+@pytest.mark.xfail(strict=True, reason=(
+    "engine: DataLoader workers die on SIGTERM sent by anyone but their parent (torch installs a C handler "
+    "in each worker), and SLURM signals every process of a job step, so training crashes instead of "
+    "checkpointing. Fix in llp_pretrain/data.py: a worker_init_fn that ignores SIGTERM/SIGUSR1. Remove "
+    "this xfail when that lands."))
+def test_step_wide_term_with_dataloader_workers_checkpoints(tiny, tmp_path):
+    """What `scancel --signal=TERM JOB.STEP` (and the batch script's forwarding) does: TERM to every
+    process of the step, dataloader workers included. Training must still checkpoint and exit 0."""
+    _, cfg = tiny
+    out = tmp_path / "run"
+    log = tmp_path / "train.log"
+    env = launch_env(LLP_PRETRAIN_PAUSE_AFTER_STEP="3")
+    p, f = _start([TRAIN_SH, str(cfg), "--nproc", "1", "--", "--set", f"run.output_dir={out}",
+                   "--set", "data.num_workers=1"], env, log)
+    try:
+        t0 = time.time()
+        while "step       3/" not in log.read_text() and p.poll() is None and time.time() - t0 < 150:
+            time.sleep(0.5)
+        assert p.poll() is None, log.read_text()[-3000:]
+        os.killpg(p.pid, signal.SIGTERM)          # like slurmstepd: every process of the group
+        rc = p.wait(timeout=60)
+    finally:
+        _finish([(p, f)], 1)
+    assert rc == 0, log.read_text()[-3000:]
+    assert checkpoint_steps(out) == [3]
