@@ -451,6 +451,15 @@ def format_layout(layout: WorldLayout, launcher: str = "", node_rank: Optional[i
             f"{tag} batch: global_batch_size={layout.global_batch_size} = micro_batch_size="
             f"{layout.micro_batch_size} x grad_accum_steps={gas} x data_parallel_size={layout.data_parallel_size}"
         )
+    sp = layout.sequence_parallel_size
+    if sp > 1:
+        groups = [list(range(g, g + sp)) for g in range(0, layout.world_size, sp)]
+        shown = " ".join(f"[{g[0]}-{g[-1]}]" for g in groups[:4]) + (" ..." if len(groups) > 4 else "")
+        lines.append(f"{tag} sequence-parallel groups (consecutive ranks): {shown}")
+        if layout.nnodes > 1 and layout.nproc_per_node % sp:
+            lines.append(f"{tag} warning: nproc_per_node={layout.nproc_per_node} is not a multiple of "
+                         f"sequence_parallel_size={sp}: some groups span two nodes and their halo exchange "
+                         "crosses the network")
     show = range(layout.nnodes) if node_rank is None else [node_rank]
     for n in show:
         r = layout.node_ranks(n)

@@ -117,6 +117,9 @@ def test_resolve_layout_two_nodes_eight_gpus():
     assert "nodes=2 nproc_per_node=8 world_size=16 data_parallel_size=8 sequence_parallel_size=2" in text
     assert "node 1 (gpu02): ranks 8-15" in text and "gpu01:15042" in text
     assert "grad_accum_steps=2" in text
+    assert "sequence-parallel groups (consecutive ranks): [0-1] [2-3] [4-5] [6-7] ..." in text
+    assert "warning" not in text
+    assert "some groups span two nodes" in format_layout(resolve_layout(2, 3, 2))
 
 
 @pytest.mark.parametrize("args, words", [
