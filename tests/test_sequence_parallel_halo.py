@@ -1,4 +1,4 @@
-"""Halo exchange on its own: a minimal LLP attention stack split over 2-4 gloo ranks must give
+"""Halo exchange on its own: a minimal LLP attention stack split over 4 gloo ranks must give
 the single-process outputs and gradients (incl. non-reentrant activation checkpointing and shared
 K/V), and move exactly one segment of keys/values per layer each way.
 
@@ -251,7 +251,7 @@ def _check(results, world):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [4])  # first, middle and last ranks; P=2 runs with the model
 def test_halo_exchange_matches_single_process(world, tmp_path):
     results = run_ranks(_halo_worker, world, args=(CASES,), timeout=120, tmp=tmp_path)
     _check(results, world)
