@@ -43,10 +43,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ -n "$CONFIG" ] || { usage >&2; llp_die "missing CONFIG"; }
-[ -f "$CONFIG" ] || llp_die "config $CONFIG not found"
 llp_is_uint "$PORT" && [ "$PORT" -ge 1 ] && [ "$PORT" -le 65535 ] || llp_die "--master-port must be 1-65535, got '$PORT'"
 llp_setup_python
-CONFIG_ABS=$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")
+CONFIG=$("$PYTHON" -m llp_pretrain.launch_utils config-path "$CONFIG") || exit 2
+CONFIG_ABS=$CONFIG
 
 # ---------------------------------------------------------------- hostfile: fan out to every host
 if [ -n "$HOSTFILE" ]; then

@@ -38,11 +38,11 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ -n "$CONFIG" ] || { usage >&2; llp_die "missing CONFIG"; }
-[ -f "$CONFIG" ] || llp_die "config $CONFIG not found"
 case "$LAUNCHER" in torchrun|deepspeed) ;; *) llp_die "--launcher must be torchrun or deepspeed, got '$LAUNCHER'";; esac
 [ -z "$PORT" ] || llp_is_uint "$PORT" || llp_die "--master-port must be a number, got '$PORT'"
 
 llp_setup_python
+CONFIG=$("$PYTHON" -m llp_pretrain.launch_utils config-path "$CONFIG") || exit 2
 llp_setup_train_cmd
 GPUS=$(llp_gpu_count)
 BACKEND=$(llp_backend_for "$GPUS")

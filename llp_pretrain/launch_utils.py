@@ -9,6 +9,7 @@ Command line (used by the shell launchers, handy for users too)::
     python -m llp_pretrain.launch_utils expand-nodelist 'gpu[01-03,07]'   # one host per line
     python -m llp_pretrain.launch_utils first-host "$SLURM_JOB_NODELIST"   # scontrol, else Python
     python -m llp_pretrain.launch_utils master-port "$SLURM_JOB_ID"        # port from the job id
+    python -m llp_pretrain.launch_utils config-path configs/quickstart.yaml  # absolute path
     python -m llp_pretrain.launch_utils hostfile launch/hostfile.example   # "host slots" per line
     python -m llp_pretrain.launch_utils fit-workers --config C.yaml --cpus-per-process 8 [-- --set ...]
     python -m llp_pretrain.launch_utils layout --config C.yaml --nnodes 2 --nproc-per-node 8 \\
@@ -43,6 +44,7 @@ __all__ = [
     "master_port_from_job_id",
     "parse_hostfile",
     "read_layout_settings",
+    "resolve_config_path",
     "resolve_layout",
     "format_layout",
     "fit_data_workers",
@@ -307,6 +309,18 @@ def extract_set_args(args: Sequence[str]) -> List[str]:
     return out
 
 
+def resolve_config_path(config: "str | os.PathLike") -> Path:
+    """Absolute path of a run YAML, looked up like the training CLI does
+    (:func:`llp_pretrain.config.find_config_file`: as given, then in the shipped ``configs/``).
+    Raises :class:`LaunchError` listing the places tried."""
+    from llp_pretrain.config import find_config_file
+
+    try:
+        return find_config_file(str(config))
+    except FileNotFoundError as exc:
+        raise LaunchError(str(exc)) from None
+
+
 def read_layout_settings(config: "str | os.PathLike", overrides: Sequence[str] = ()) -> Dict[str, Optional[int]]:
     """Read the settings a launcher checks from a run YAML plus ``--set`` overrides.
 
@@ -318,7 +332,7 @@ def read_layout_settings(config: "str | os.PathLike", overrides: Sequence[str] =
     """
     import yaml
 
-    p = Path(config)
+    p = resolve_config_path(config)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
@@ -502,6 +516,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--span", type=int, default=PORT_SPAN)
     p = sub.add_parser("hostfile", help="validate a DeepSpeed hostfile; print 'host slots' lines")
     p.add_argument("path")
+    p = sub.add_parser("config-path", help="absolute path of a run YAML (as the training CLI finds it)")
+    p.add_argument("config")
     p = sub.add_parser("fit-workers", help="dataloader workers per process that fit the CPUs per process")
     p.add_argument("--config", required=True)
     p.add_argument("--cpus-per-process", type=int, required=True)
@@ -536,6 +552,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.cmd == "hostfile":
             for host, slots in parse_hostfile(args.path):
                 print(f"{host} {slots}")
+        elif args.cmd == "config-path":
+            print(resolve_config_path(args.config))
         elif args.cmd == "fit-workers":
             train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
             settings = read_layout_settings(args.config, extract_set_args(train_args))

@@ -146,7 +146,7 @@ def test_read_layout_settings_applies_set_overrides(tmp_path):
     cfg.write_text("parallel:\n  sequence_parallel_size: two\n")
     with pytest.raises(LaunchError, match="parallel.sequence_parallel_size must be an integer"):
         read_layout_settings(cfg)
-    with pytest.raises(LaunchError, match="cannot read config"):
+    with pytest.raises(LaunchError, match="missing.yaml.* not found"):
         read_layout_settings(tmp_path / "missing.yaml")
 
 
