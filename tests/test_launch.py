@@ -122,6 +122,14 @@ def test_wrong_layouts_fail_before_training(tiny, tmp_path):
     r = subprocess.run([MULTINODE_SH, str(cfg), "--nnodes", "2", "--node-rank", "0", "--master-addr", "10.9.9.9"],
                        env=env, capture_output=True, text=True, timeout=100)
     assert r.returncode == 2 and "is not this machine" in r.stderr
+    # hostfile with a host we cannot ssh to: stops before starting anything, says what to do
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node-unreachable-x slots=1\nlocalhost slots=1\n")
+    r = subprocess.run([MULTINODE_SH, str(cfg), "--hostfile", str(hostfile), "--", "--set", f"run.output_dir={out}"],
+                       env={**env, "LLP_SSH": "false", "LLP_SKIP_CONFIG_CHECK": "1"}, capture_output=True, text=True,
+                       timeout=100)
+    assert r.returncode == 2 and "cannot ssh to node-unreachable-x without a password" in r.stderr
+    assert "--node-rank" in r.stderr                       # the alternative: start each node by hand
     assert not out.exists()
 
 
