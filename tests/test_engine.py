@@ -114,7 +114,11 @@ def single(work):
 
 
 @pytest.fixture(scope="module")
-def two_ranks(work):
+def two_ranks(work, single):
+    # the documented way to continue a 1-rank run on 2 ranks: export, then init_from
+    from llp_pretrain.export import export_checkpoint
+
+    export_checkpoint(single / "ref", work / "ref_export")
     jobs = [_job(work, f"z{st}", data={"num_workers": 1, "shuffle_buffer": 1}, model=TIED,
                  train={"max_steps": 4, "micro_batch_size": 2}, deepspeed=f"configs/deepspeed/zero{st}.json")
             for st in (0, 1, 2, 3)]
@@ -124,6 +128,8 @@ def two_ranks(work):
                      deepspeed="configs/deepspeed/zero2.json"))
     jobs.append(_job(work, "uneven", ds="uneven", data={"num_workers": 1, "shuffle_buffer": 2},
                      train={"max_steps": 7, "micro_batch_size": 2, "log_interval": 7}))
+    jobs.append(_job(work, "from_ref", model=TIED, train={"max_steps": 1, "micro_batch_size": 2, "lr": 1e-12,
+                                                        "min_lr": 0.0, "init_from": str(work / "ref_export")}))
     spec = work / "two.json"
     spec.write_text(json.dumps(jobs))
     _run([TORCHRUN, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
@@ -143,6 +149,12 @@ def test_zero_stages_on_two_ranks_follow_single_process_curve(single, two_ranks)
             assert abs(a - b) < 1e-4, (name, ref, got)
         lr_ref, lr_got = _scalars(single / "ref", "train/lr"), _scalars(two_ranks / name, "train/lr")
         assert lr_ref == lr_got
+    # activation checkpointing leaves the gradients unchanged (same ZeRO-2 run without it)
+    gn, gn_ckpt = _scalars(two_ranks / "z2", "train/grad_norm"), _scalars(two_ranks / "z2ckpt", "train/grad_norm")
+    assert [s for s, _ in gn_ckpt] == [1, 2, 3, 4]
+    assert all(abs(a - b) <= 1e-5 * max(1.0, a) for (_, a), (_, b) in zip(gn, gn_ckpt)), (gn, gn_ckpt)
+    w2, w2c = _weights(two_ranks / "z2"), _weights(two_ranks / "z2ckpt")
+    assert all(torch.allclose(w2[k], w2c[k], atol=1e-6) for k in w2)
     # weights after 4 steps: ZeRO-3 (consolidated by export from partitions) matches ZeRO-0 on 2 ranks
     w0, w3 = _weights(two_ranks / "z0"), _weights(two_ranks / "z3")
     assert w0.keys() == w3.keys()
@@ -317,6 +329,16 @@ def test_export_round_trip_and_eval(kill_resume, two_ranks, tmp_path):
     r1 = evaluate_checkpoint(str(run), str(run.parent / "ds"), stride=8)
     r2 = evaluate_checkpoint(str(tmp_path / run.name), str(run.parent / "ds"), stride=8)
     assert r1 == r2 and r1.tokens == 4 * 16  # 4 val samples of 16 tokens: every target scored once
+
+
+@pytest.mark.timeout(700)
+def test_continue_on_other_data_parallel_size_via_export(two_ranks):
+    from safetensors.torch import load_file
+
+    ref = load_file(str(two_ranks / "ref_export" / "model.safetensors"))
+    got = _weights(two_ranks / "from_ref")
+    for k in ref:
+        assert torch.allclose(ref[k], got[k], atol=1e-6), k
 
 
 def test_resume_with_other_data_parallel_size_fails_up_front(work):
