@@ -16,6 +16,8 @@ __all__ = ["main", "build_parser"]
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llp-pretrain", description="Pretrain LLP language models with DeepSpeed.")
+    # the `deepspeed` launcher passes --local_rank=N before the sub-command (LOCAL_RANK is used)
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train (or resume) a run described by a YAML config")
@@ -23,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-3 (repeatable)")
     p.add_argument("--resume", default=None, help="'auto' (latest checkpoint of the run, if any) or a checkpoint path")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank_sub", type=int, default=None,
+                   help=argparse.SUPPRESS)  # deepspeed launcher, when given after the sub-command
 
     p = sub.add_parser("check-config", help="validate a run config and print the resolved values")
     p.add_argument("--config", required=True)

@@ -125,3 +125,13 @@ def test_shipped_configs_validate(name, world):
     assert t.global_batch_size == t.micro_batch_size * t.grad_accum_steps * cfg.data_parallel_size
     if name != "configs/quickstart.yaml":
         assert 8192 <= cfg.model.seq_len <= 32768
+
+
+def test_cli_accepts_deepspeed_launcher_local_rank():
+    from llp_pretrain.cli import build_parser
+
+    # `deepspeed` puts --local_rank=N right after the script, before the sub-command
+    a = build_parser().parse_args(["--local_rank=1", "train", "--config", "c.yaml", "--resume", "auto"])
+    assert (a.command, a.config, a.resume, a.local_rank) == ("train", "c.yaml", "auto", 1)
+    a = build_parser().parse_args(["train", "--config", "c.yaml", "--local_rank=0", "--set", "train.lr=1"])
+    assert a.overrides == ["train.lr=1"]
