@@ -157,17 +157,10 @@ class RunConfig(BaseModel):
 def configs_dir() -> Optional[Path]:
     """Directory of the shipped configs: ``<repo>/configs`` for a checkout or editable install,
     else the installed package data ``llp_pretrain.configs`` (setup.py maps it to ``configs/``)."""
-    repo = Path(__file__).resolve().parents[1] / "configs"
-    if repo.is_dir():
-        return repo
-    try:
-        from importlib import resources
-
-        p = Path(str(resources.files("llp_pretrain.configs")))
-        if p.is_dir():
-            return p
-    except Exception:  # not installed as package data
-        pass
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "configs", here / "configs"):  # checkout / editable; installed package data
+        if (cand / "deepspeed").is_dir():
+            return cand
     return None
 
 
