@@ -92,13 +92,18 @@ def _encode_batch(texts: List[str], lasts: List[bool]):
     nbytes = np.fromiter((len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts),
                          dtype=np.int64, count=len(texts))
     ends = np.cumsum(ntok)
-    starts = ends - ntok
     lo, hi = _BYTE_RANGE
-    unk_c = np.concatenate([[0], np.cumsum(arr == UNK_ID)])
-    byte_c = np.concatenate([[0], np.cumsum((arr >= lo) & (arr <= hi))])
+    # unk and byte-fallback ids are rare: find their positions, then the pieces they fall in
+    n_unk = _per_piece(np.flatnonzero(arr == UNK_ID), ends)
+    n_byte = _per_piece(np.flatnonzero((arr - np.uint32(lo)) <= np.uint32(hi - lo)), ends)
     n_space_symbol = sum(t.count(SP_SPACE_SYMBOL) for t in texts if not t.isascii())
-    return (arr, ntok, nbytes, unk_c[ends] - unk_c[starts], byte_c[ends] - byte_c[starts],
-            n_space_symbol)
+    return arr, ntok, nbytes, n_unk, n_byte, n_space_symbol
+
+
+def _per_piece(positions: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """How many of the token ``positions`` fall in each piece (pieces end at ``ends``)."""
+    return np.bincount(np.searchsorted(ends, positions, side="right"),
+                       minlength=len(ends))[: len(ends)]
 
 
 # ----------------------------------------------------------------------------- writing
