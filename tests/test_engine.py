@@ -120,7 +120,8 @@ def two_ranks(work, single):
 
     export_checkpoint(single / "ref", work / "ref_export")
     jobs = [_job(work, f"z{st}", data={"num_workers": 1, "shuffle_buffer": 1}, model=TIED,
-                 train={"max_steps": 4, "micro_batch_size": 2}, deepspeed=f"configs/deepspeed/zero{st}.json")
+                 train={"max_steps": 4, "micro_batch_size": 2, "sample_tokens": 3},
+                 deepspeed=f"configs/deepspeed/zero{st}.json")
             for st in (0, 1, 2, 3)]
     jobs.append(_job(work, "z2ckpt", data={"num_workers": 1, "shuffle_buffer": 1},
                      train={"max_steps": 4, "micro_batch_size": 2},
@@ -155,6 +156,13 @@ def test_zero_stages_on_two_ranks_follow_single_process_curve(single, two_ranks)
     assert all(abs(a - b) <= 1e-5 * max(1.0, a) for (_, a), (_, b) in zip(gn, gn_ckpt)), (gn, gn_ckpt)
     w2, w2c = _weights(two_ranks / "z2"), _weights(two_ranks / "z2ckpt")
     assert all(torch.allclose(w2[k], w2c[k], atol=1e-6) for k in w2)
+    # the generated text sample works under every stage (ZeRO-3 gathers the partitioned weights)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for name in ("z0", "z1", "z2", "z3"):
+        ea = EventAccumulator(str(two_ranks / name / "tensorboard"))
+        ea.Reload()
+        assert "samples/generated/text_summary" in ea.Tags()["tensors"], (name, ea.Tags())
     # weights after 4 steps: ZeRO-3 (consolidated by export from partitions) matches ZeRO-0 on 2 ranks
     w0, w3 = _weights(two_ranks / "z0"), _weights(two_ranks / "z3")
     assert w0.keys() == w3.keys()
