@@ -129,6 +129,13 @@ def two_ranks(work, single):
                      deepspeed="configs/deepspeed/zero2.json"))
     jobs.append(_job(work, "uneven", ds="uneven", data={"num_workers": 1, "shuffle_buffer": 2},
                      train={"max_steps": 7, "micro_batch_size": 2, "log_interval": 7}))
+    # ZeRO-3 resume on 2 ranks (partitioned optimizer state, per-rank RNG and data position):
+    # 2 steps, then resume to 4, against 4 straight steps; constant LR so max_steps does not matter
+    const = {"micro_batch_size": 2, "warmup_steps": 0, "min_lr": 3e-3, "lr": 3e-3}
+    z3 = dict(data={"num_workers": 1, "shuffle_buffer": 4}, deepspeed="configs/deepspeed/zero3.json")
+    jobs.append(_job(work, "z3_straight", train={**const, "max_steps": 4}, **z3))
+    jobs.append(_job(work, "z3_resumed", train={**const, "max_steps": 2}, **z3))
+    jobs.append({**_job(work, "z3_resumed", train={**const, "max_steps": 4}, **z3), "resume": "auto"})
     jobs.append(_job(work, "from_ref", model=TIED, train={"max_steps": 1, "micro_batch_size": 2, "lr": 1e-12,
                                                         "min_lr": 0.0, "init_from": str(work / "ref_export")}))
     spec = work / "two.json"
@@ -169,6 +176,16 @@ def test_zero_stages_on_two_ranks_follow_single_process_curve(single, two_ranks)
     for k in w0:
         assert w0[k].shape == w3[k].shape
         assert torch.allclose(w0[k], w3[k], atol=2e-5, rtol=1e-4), k
+
+
+@pytest.mark.timeout(700)
+def test_zero3_two_rank_resume_is_exact(two_ranks):
+    a, b = _weights(two_ranks / "z3_straight"), _weights(two_ranks / "z3_resumed")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert _scalars(two_ranks / "z3_resumed", "train/loss") == _scalars(two_ranks / "z3_straight", "train/loss")
+    res = [json.loads((two_ranks / f"res_z3_resumed.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["step"] for r in res] == [4, 4]
 
 
 @pytest.mark.timeout(700)
