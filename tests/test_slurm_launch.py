@@ -5,7 +5,9 @@
   TensorBoard events;
 * one torchrun task with 2 processes is sent TERM mid-run (`scancel --signal=TERM --batch`, what
   `#SBATCH --signal=B:TERM@120` does before the time limit): it checkpoints, the batch script requeues
-  the job, and the requeued run resumes from that checkpoint without repeating a step.
+  the job, and the requeued run resumes from that checkpoint without repeating a step. This one
+  polls `scontrol show job` instead of `sbatch --wait`, which can return when the first run ends in
+  the requeue; the final record must say COMPLETED, exit code 0:0, 1 restart.
 
 Every job is cancelled in a ``finally`` so a failing test leaves nothing running.
 """
@@ -28,7 +30,7 @@ pytestmark = [
 
 SBATCH = str(REPO / "launch" / "slurm" / "llp_pretrain.sbatch")
 # the local cluster has 2 CPUs and no GPUs; the script's defaults (2 nodes x 8 GPUs) are overridden here
-BASE_FLAGS = ["--parsable", "--wait", "--nodes=1", "--gpus-per-node=0", "--time=10", "--partition=debug"]
+BASE_FLAGS = ["--parsable", "--nodes=1", "--gpus-per-node=0", "--time=10", "--partition=debug"]
 
 
 def _job_state(job_id: str) -> str:
@@ -41,9 +43,16 @@ def _cancel(job_id):
         subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
 
 
-def _submit(flags, cfg, args, env, log: Path):
-    """Start `sbatch --wait` (under `timeout`); return (Popen, job id)."""
-    cmd = ["timeout", "240", "sbatch", *BASE_FLAGS, *flags, f"--output={log}", SBATCH, str(cfg), *args]
+def _job_record(job_id: str) -> dict:
+    """`scontrol show job` fields (empty once SLURM forgot the job, ~5 s after it ended)."""
+    r = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=30)
+    return dict(kv.split("=", 1) for kv in r.stdout.split() if "=" in kv) if r.returncode == 0 else {}
+
+
+def _submit(flags, cfg, args, env, log: Path, wait: bool = True):
+    """Start `sbatch [--wait]` (under `timeout`); return (Popen, job id)."""
+    cmd = ["timeout", "240", "sbatch", *BASE_FLAGS, *(["--wait"] if wait else []), *flags, f"--output={log}",
+           SBATCH, str(cfg), *args]
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     job_id = p.stdout.readline().strip().split(";")[0]
     assert job_id.isdigit(), f"sbatch did not print a job id: {job_id!r} {p.stderr.read() if p.poll() is not None else ''}"
@@ -90,17 +99,28 @@ def test_sbatch_term_checkpoints_requeues_and_resumes(tmp_path):
     env = launch_env(LLP_NPROC_PER_NODE="2", LLP_PRETRAIN_PAUSE_AFTER_STEP="3")
     job = None
     try:
-        p, job = _submit(["--ntasks-per-node=1", "--cpus-per-task=2"], cfg, [], env, log)
+        # no --wait: sbatch --wait may return when the first run ends in the requeue
+        _, job = _submit(["--ntasks-per-node=1", "--cpus-per-task=2"], cfg, [], env, log, wait=False)
         _wait_for(lambda: log.exists() and "step       3/6" in log.read_text(), 200, "step 3 in the job log")
         subprocess.run(["scancel", "--signal=TERM", "--batch", job], check=True, timeout=30)
         # the batch script forwards TERM, training saves step 3 and exits, the job is requeued (pending)
-        _wait_for(lambda: _job_state(job) == "PENDING", 120, "the job to be requeued")
+        _wait_for(lambda: _job_record(job).get("JobState") == "PENDING", 120, "the job to be requeued")
         assert checkpoint_steps(run) == [3], log.read_text()[-3000:]
         # SLURM holds requeued jobs ~2 minutes (BeginTime); release it now
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
-        rc = p.wait(timeout=200)
+        final = {}
+
+        def finished():
+            rec = _job_record(job)
+            if rec.get("JobState") not in (None, "PENDING", "RUNNING", "COMPLETING", "CONFIGURING"):
+                final.update(rec)
+                return True
+            return False
+
+        _wait_for(finished, 200, "the requeued job to finish")
         text = log.read_text()
-        assert rc == 0, f"sbatch --wait exit {rc}\n{p.stderr.read()}\n{text[-4000:]}"
+        assert (final["JobState"], final["ExitCode"], final["Restarts"]) == ("COMPLETED", "0:0", "1"), \
+            f"{final}\n{text[-4000:]}"
     finally:
         _cancel(job)
     assert "received SIGTERM" in text and f"requeueing job {job}" in text
