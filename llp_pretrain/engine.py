@@ -533,7 +533,8 @@ def train(cfg: RunConfig, resume: Optional[str] = None) -> TrainResult:
                 monitor.flush()
                 win = {"time": 0.0, "wait": 0.0, "steps": 0, "loss": 0.0, "loss_steps": 0}
 
-            if t.eval_interval and step % t.eval_interval == 0 and step < t.max_steps:
+            # periodic evaluation, unless the final one is only a few steps away
+            if t.eval_interval and step % t.eval_interval == 0 and step <= t.max_steps - max(1, t.eval_interval // 4):
                 val = run_eval()
                 _log_val(monitor, step, val, sample_text())
 
