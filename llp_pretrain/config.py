@@ -10,7 +10,7 @@ come with the nearest valid name).
 Cross-field rules (``world_size`` = number of processes, ``P`` = ``sequence_parallel_size``):
 
 * ``data_parallel_size = world_size / P`` (``world_size`` divisible by ``P``; ``P > 1`` only for
-  ``model.variant: llp``);
+  ``model.variant: llp``, with ``seq_len`` a multiple of ``P * segment_len``);
 * ``global_batch_size == micro_batch_size * grad_accum_steps * data_parallel_size`` (the one
   missing is derived; both given must agree);
 * ``model.seq_len`` equals the shards' manifest ``seq_len``; ``model.vocab_size`` is at least the
@@ -452,6 +452,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: Optional[List[
         if sp > 1 and model is not None and getattr(model, "variant", None) != "llp":
             problems.append(("parallel.sequence_parallel_size",
                              f"{sp} > 1 needs model.variant: llp (got {getattr(model, 'variant', None)!r})"))
+        elif sp > 1 and model is not None and model.seq_len % (sp * model.segment_len) != 0:
+            unit = sp * model.segment_len
+            problems.append(("model.seq_len",
+                             f"{model.seq_len} must be a multiple of sequence_parallel_size * segment_len = "
+                             f"{sp} * {model.segment_len} = {unit} (each rank keeps whole segments); e.g. "
+                             f"{max(unit, model.seq_len // unit * unit)}"))
     train_raw = raw.get("train") if isinstance(raw.get("train"), dict) else {}
     batch_fields = {k: (getattr(train, k) if train is not None else train_raw.get(k))
                     for k in ("micro_batch_size", "grad_accum_steps", "global_batch_size")}

@@ -85,6 +85,17 @@ def test_layout_rules(ds, tmp_path):
     assert "needs model.variant: llp" in msg
 
 
+def test_sequence_parallel_needs_whole_segments_per_rank(ds, tmp_path):
+    # seq_len 16, segment_len 4: P=2 keeps 2 segments per rank, P=4 one, P=8 half a segment
+    for p in (2, 4):
+        raw = tiny_run_config(ds, tmp_path / "run", parallel={"sequence_parallel_size": p})
+        assert load_config(raw=raw, world_size=p).data_parallel_size == 1
+    raw = tiny_run_config(ds, tmp_path / "run", parallel={"sequence_parallel_size": 8})
+    with pytest.raises(ConfigError) as ei:
+        load_config(raw=raw, world_size=8)
+    assert "model.seq_len" in str(ei.value) and "8 * 4 = 32" in str(ei.value)
+
+
 def test_too_few_shards_for_ranks_and_workers(ds, tmp_path):
     raw = tiny_run_config(ds, tmp_path / "run", data={"num_workers": 2})
     load_config(raw=raw, world_size=1)  # 2 shards feed 1 rank x 2 workers
