@@ -541,8 +541,8 @@ def train(cfg: RunConfig, resume: Optional[str] = None) -> TrainResult:
             if t.save_interval and step % t.save_interval == 0 and step < t.max_steps:
                 save(step)
                 last_saved = step
-            if step == pause_after:
-                while not signals.flag:  # test hook: wait here to be killed or signalled
+            if step == pause_after:  # test hook: wait here until killed, or until any rank is signalled
+                while not _all_reduce([float(signals.flag)], op="max", device=rdev)[0]:
                     time.sleep(0.05)
 
             # stop requests: signal on any rank or time limit on rank 0 (agreed by all ranks)

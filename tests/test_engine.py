@@ -375,3 +375,41 @@ def test_resume_with_other_data_parallel_size_fails_up_front(work):
     d = DistInfo(0, 2, 0, 0, 2, 0, 1, torch.device("cpu"))
     with pytest.raises(ValueError, match="relaunch with 1 processes.*llp-pretrain export"):
         check_resume_layout(meta, cfg, d, "CKPT")
+
+
+def _children(pid):
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.timeout(400)
+def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step(work):
+    """Only one of two ranks gets SIGTERM: the ranks agree (all-reduce every step), both save the
+    same step and exit 0."""
+    spec = work / "term.json"
+    spec.write_text(json.dumps([_job(work, "term2", train={"max_steps": 50, "micro_batch_size": 2},
+                                     data={"num_workers": 1})]))
+    env = {**_env(), "LLP_PRETRAIN_PAUSE_AFTER_STEP": "3"}
+    p = subprocess.Popen([TORCHRUN, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+                          str(_free_port()), "-m", "llp_pretrain.testing", "train-many", str(spec)], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_line(p, "step       3/50", 240)
+        workers = [c for c in _children(p.pid) if "llp_pretrain.testing" in Path(f"/proc/{c}/cmdline").read_text()]
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGTERM)
+        out, _ = p.communicate(timeout=200)
+    finally:
+        p.kill()
+    assert p.returncode == 0, out[-3000:]
+    res = [json.loads((work / f"res_term2.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["step"], r["stopped_by"]) for r in res] == [(3, "signal"), (3, "signal")]
+    assert (work / "term2" / "checkpoints" / "latest").read_text().strip() == "step00000003"
+    assert json.loads((work / "term2" / "checkpoints" / "step00000003" / "run_meta.json").read_text())["step"] == 3
