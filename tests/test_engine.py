@@ -103,6 +103,7 @@ def single(work):
         _job(work, "straight", **_resume_sections()),
         _job(work, "bf16", data={"num_workers": 2, "shuffle_buffer": 1},
              train={"max_steps": 4, "micro_batch_size": 2, "grad_accum_steps": 2, "precision": "bf16"}),
+        _job(work, "timelimit", train={"max_steps": 50, "time_limit_minutes": 1e-6}),
         # lr 1e30: the first update makes every later loss non-finite -> skipped, then abort after 3
         {**_job(work, "nan", train={"max_steps": 10, "lr": 1e30, "min_lr": 0.0, "warmup_steps": 0,
                                     "max_nonfinite_steps": 3}), "expect_error": True},
@@ -218,6 +219,14 @@ def test_bf16_on_cpu_follows_fp32_curve(single):
     assert ref != got  # it really ran in bf16
     w = _weights(single / "bf16")  # consolidated fp32 export of a bf16 run
     assert all(v.dtype == torch.float32 for v in w.values())
+
+
+@pytest.mark.timeout(500)
+def test_time_limit_saves_and_stops(single):
+    res = json.loads((single / "res_timelimit.rank0.json").read_text())
+    assert (res["step"], res["stopped_by"]) == (1, "time_limit")
+    assert res["val"] is not None  # final evaluation still runs
+    assert (single / "timelimit" / "checkpoints" / "latest").read_text().strip() == "step00000001"
 
 
 @pytest.mark.timeout(500)
