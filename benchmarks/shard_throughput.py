@@ -7,8 +7,8 @@ Both run in this process, side by side (interleaved, ``--runs`` times each), on 
 - raw: ``sp.encode(all_documents_in_memory, num_threads=W)`` (documents already read and split;
   tokens counted with one EOS per document, as in the shards);
 - shard: ``build_shards(..., workers=W)``: reading + decompression + encoding in ``W`` worker
-  processes + packing + tar writing + sha256 + manifest (``W = 0``: everything in this process,
-  compared with raw ``num_threads=1``).
+  processes (``Wt``: threads) + packing + tar writing + sha256 + manifest (``W = 0``: everything
+  in this process, compared with raw ``num_threads=1``).
 
 Prints one JSON object with, per ``W``, the medians and the ratio ``shard / raw`` of wall-clock
 tokens/s (the target: >= 0.8), and of tokens per CPU-second (CPU time of this process, its
@@ -51,7 +51,9 @@ def _cpu_seconds() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--copies", type=int, default=4, help="copies of the KJV corpus (files)")
-    ap.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
+    ap.add_argument("--workers", default="0,1,2,2t",
+                    help="comma-separated worker counts; a 't' suffix uses threads instead of "
+                         "processes")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--vocab-size", type=int, default=8000)
     ap.add_argument("--seq-len", type=int, default=1024)
@@ -80,20 +82,22 @@ def main() -> None:
             docs.append("".join(cur))
             cur = []
 
-    workers = [int(w) for w in a.workers.split(",")]
+    workers = a.workers.split(",")
     runs = {w: {"raw": [], "shard": [], "raw_cpu": [], "shard_cpu": []} for w in workers}
     tokens = None
     for r in range(a.runs):
         for w in workers:
+            n_workers = int(w.rstrip("t"))
             c0, t0 = _cpu_seconds(), time.perf_counter()
-            ids = sp.encode(docs, num_threads=max(w, 1))
+            ids = sp.encode(docs, num_threads=max(n_workers, 1))
             dt, dc = time.perf_counter() - t0, _cpu_seconds() - c0
             n_raw = sum(len(x) for x in ids) + len(docs)
             runs[w]["raw"].append(n_raw / dt)
             runs[w]["raw_cpu"].append(n_raw / dc)
             c0, t0 = _cpu_seconds(), time.perf_counter()
             m = build_shards([str(corpus)], tok / "tokenizer.model", work / "shards",
-                             seq_len=a.seq_len, val_fraction=0.01, workers=w,
+                             seq_len=a.seq_len, val_fraction=0.01, workers=n_workers,
+                             parallel="threads" if w.endswith("t") else "processes",
                              samples_per_shard=a.samples_per_shard, read_options=blank,
                              overwrite=True, quiet=True)
             dt, dc = time.perf_counter() - t0, _cpu_seconds() - c0
@@ -118,8 +122,9 @@ def main() -> None:
     for w in workers:
         raw = statistics.median(runs[w]["raw"])
         shard = statistics.median(runs[w]["shard"])
-        result["by_workers"][str(w)] = {
-            "raw_encode_threads": max(w, 1),
+        result["by_workers"][w] = {
+            "raw_encode_threads": max(int(w.rstrip("t")), 1),
+            "parallel": "threads" if w.endswith("t") else "processes",
             "raw_tokens_per_s_median": round(raw),
             "shard_tokens_per_s_median": round(shard),
             "ratio_median": round(shard / raw, 3),

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1,
                    help="encoding processes (0: encode in the main process); the main process "
                         "reads, packs and writes meanwhile. The output is identical for any value")
+    s.add_argument("--parallel", choices=("processes", "threads"), default="processes",
+                   help="worker kind: processes (default) or threads (SentencePiece releases the "
+                        "GIL; less CPU per token). The output is identical either way")
     s.add_argument("--overwrite", action="store_true",
                    help="replace a different dataset already in --out")
 
@@ -123,7 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 a.input, a.tokenizer, a.out, seq_len=a.seq_len, val_fraction=a.val_fraction,
                 samples_per_shard=a.samples_per_shard, workers=a.workers,
                 read_options=_read_options(a), split_seed=a.split_seed, overwrite=a.overwrite,
-                quiet=a.quiet, argv=argv)
+                quiet=a.quiet, parallel=a.parallel, argv=argv)
             for s, t in m["totals"].items():
                 print(f"{s}: {t['documents']:,} documents, {t['text_tokens']:,} tokens -> "
                       f"{t['samples']:,} samples in {t['shards']} shards "

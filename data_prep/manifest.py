@@ -1,8 +1,9 @@
 """``manifest.json``: the complete description of a shard directory (see ``docs/internals.md``).
 
-The manifest holds no timestamps and no execution-only options (``--workers``, ``--quiet``,
-``--overwrite``), so the same inputs and settings give a byte-identical manifest. It is written
-last, through a temporary file and a rename; a directory without it holds no finished dataset.
+The manifest holds no timestamps and no execution-only options (``--workers``, ``--parallel``,
+``--quiet``, ``--overwrite``), so the same inputs and settings give a byte-identical manifest.
+It is written last, through a temporary file and a rename; a directory without it holds no
+finished dataset.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ PARTIAL_SUFFIX = ".partial"            # shards are written as NAME.partial, the
 SHARD_RE = re.compile(r"^(train|val)-(\d{6})\.tar$")
 SPLITS = ("train", "val")
 # Options that change how a run executes but never what it writes.
-EXECUTION_ONLY_OPTIONS = ("--workers", "--quiet", "-q", "--overwrite")
+EXECUTION_ONLY_OPTIONS = ("--workers", "--parallel", "--quiet", "-q", "--overwrite")
+_TAKES_VALUE = ("--workers", "--parallel")
 
 
 def shard_name(split: str, index: int) -> str:
@@ -52,7 +54,7 @@ def strip_execution_only(argv: Optional[List[str]]) -> Optional[List[str]]:
             continue
         name = a.split("=", 1)[0]
         if name in EXECUTION_ONLY_OPTIONS:
-            skip = (name == "--workers" and "=" not in a)
+            skip = (name in _TAKES_VALUE and "=" not in a)
             continue
         out.append(a)
     return out

@@ -138,9 +138,9 @@ def test_stream_is_lossless_and_json_offsets_are_right(env, tmp_path):
 def test_workers_do_not_change_a_byte(env, tmp_path, monkeypatch):
     monkeypatch.setattr(shards_mod, "BATCH_CHARS", 3000)  # many batches in flight
     outs = []
-    for w in (0, 1, 2):
-        out = tmp_path / f"w{w}"
-        build(env, out, workers=w)
+    for w, parallel in ((0, "processes"), (1, "processes"), (2, "processes"), (2, "threads")):
+        out = tmp_path / f"w{w}{parallel}"
+        build(env, out, workers=w, parallel=parallel)
         outs.append(out)
     a = outs[0]
     names = sorted(p.name for p in a.iterdir())
@@ -259,6 +259,7 @@ def test_killed_run_is_redone_cleanly_by_the_same_command(env, tmp_path):
     assert m["totals"]["train"]["samples"] > 1000 and m["totals"]["val"]["samples"] > 0
     argv = m["command"]["argv"]
     assert argv[0] == "shard" and "--quiet" not in argv and "--workers" not in argv
+    assert argv == [a for a in cmd[cmd.index("shard"):] if a not in ("--quiet", "--workers", "1")]
 
 
 def test_documents_streamed_in_pieces_stay_lossless(env, tmp_path, monkeypatch):
