@@ -43,6 +43,10 @@ def _cancel(job_id):
         subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
 
 
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+            "PREEMPTED"}
+
+
 def _job_record(job_id: str) -> dict:
     """`scontrol show job` fields (empty once SLURM forgot the job, ~5 s after it ended)."""
     r = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=30)
@@ -108,11 +112,14 @@ def test_sbatch_term_checkpoints_requeues_and_resumes(tmp_path):
         assert checkpoint_steps(run) == [3], log.read_text()[-3000:]
         # SLURM holds requeued jobs ~2 minutes (BeginTime); release it now
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
-        final = {}
+        final, seen = {}, []
 
         def finished():
             rec = _job_record(job)
-            if rec.get("JobState") not in (None, "PENDING", "RUNNING", "COMPLETING", "CONFIGURING"):
+            state = rec.get("JobState")
+            if not seen or seen[-1] != state:
+                seen.append(state)
+            if state in TERMINAL:
                 final.update(rec)
                 return True
             return False
@@ -120,7 +127,7 @@ def test_sbatch_term_checkpoints_requeues_and_resumes(tmp_path):
         _wait_for(finished, 200, "the requeued job to finish")
         text = log.read_text()
         assert (final["JobState"], final["ExitCode"], final["Restarts"]) == ("COMPLETED", "0:0", "1"), \
-            f"{final}\n{text[-4000:]}"
+            f"states seen {seen}; final record {final}\n{text[-4000:]}"
     finally:
         _cancel(job)
     assert "received SIGTERM" in text and f"requeueing job {job}" in text
