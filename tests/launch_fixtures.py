@@ -7,23 +7,27 @@ ZeRO-0 on gloo. Helpers read back what a run left: checkpoint tags, TensorBoard 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-VENV = REPO / ".venv"
+#: the virtualenv running the tests (the launchers activate it), or None outside a venv
+VENV = Path(sys.prefix) if sys.prefix != sys.base_prefix else None
 
 
 def launch_env(**extra: str) -> Dict[str, str]:
-    """Environment for launcher subprocesses: this interpreter's venv (if the repo has one), no
-    inherited distributed variables, small thread counts."""
+    """Environment for launcher subprocesses: the test interpreter's venv (or the interpreter itself
+    outside a venv), no inherited distributed/SLURM/LLP variables, one OpenMP thread."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
            and not k.startswith("SLURM_") and not k.startswith("LLP_")}
-    if (VENV / "bin" / "activate").is_file():
+    if VENV is not None and (VENV / "bin" / "activate").is_file():
         env["LLP_VENV"] = str(VENV)
+    else:
+        env["LLP_PYTHON"] = sys.executable
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
