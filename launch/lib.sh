@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers for launch/train.sh, launch/multinode.sh and launch/slurm/*. Source it; do not run it.
 #
 # Environment a user may set (all optional):

@@ -10,7 +10,7 @@
 # srun mode: this task is one training process (RANK = SLURM_PROCID, LOCAL_RANK = SLURM_LOCALID).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=../lib.sh
+# shellcheck source=launch/lib.sh
 . "$HERE/../lib.sh"
 CONFIG=${1:?usage: task.sh CONFIG [TRAIN_ARGS...]}; shift
 : "${MASTER_ADDR:?set by llp_pretrain.sbatch}" "${MASTER_PORT:?set by llp_pretrain.sbatch}"
