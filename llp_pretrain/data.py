@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -201,11 +202,23 @@ class TrainStream(torch.utils.data.IterableDataset):
             yield {"tokens": torch.from_numpy(np.stack(arrays).astype(np.int64)), "keys": keys}
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGTERM/SIGUSR1.
+
+    SLURM (``scancel --signal``, ``--signal=TERM@T``) and ``kill -- -PGID`` signal every process of
+    a job step, workers included. torch's worker handler turns a TERM from anyone but the parent
+    into a crash of the worker, and the trainer then dies with it instead of checkpointing. The
+    trainer process handles the signal (checkpoint, exit 0); workers still exit when it does."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def make_train_loader(stream: TrainStream) -> torch.utils.data.DataLoader:
     """A DataLoader over ``stream`` with ``data.num_workers`` worker processes (0 = in-process);
-    batches pass through unchanged and are returned in worker round-robin order."""
+    batches pass through unchanged and are returned in worker round-robin order. Workers ignore
+    SIGTERM/SIGUSR1 (see :func:`_ignore_stop_signals`)."""
     workers = stream.requested_workers
-    kwargs = dict(prefetch_factor=2) if workers else {}
+    kwargs = dict(prefetch_factor=2, worker_init_fn=_ignore_stop_signals) if workers else {}
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, **kwargs)
 
 

@@ -160,11 +160,6 @@ def test_hostfile_fanout_and_deepspeed_launcher_form_a_gloo_group(tiny, tmp_path
 
 @pytest.mark.distributed
 @pytest.mark.timeout(200)
-@pytest.mark.xfail(strict=True, reason=(
-    "engine: DataLoader workers die on SIGTERM sent by anyone but their parent (torch installs a C handler "
-    "in each worker), and SLURM signals every process of a job step, so training crashes instead of "
-    "checkpointing. Fix in llp_pretrain/data.py: a worker_init_fn that ignores SIGTERM/SIGUSR1. Remove "
-    "this xfail when that lands."))
 def test_step_wide_term_with_dataloader_workers_checkpoints(tiny, tmp_path):
     """What `scancel --signal=TERM JOB.STEP` (and the batch script's forwarding) does: TERM to every
     process of the step, dataloader workers included. Training must still checkpoint and exit 0."""
