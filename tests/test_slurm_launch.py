@@ -140,3 +140,20 @@ def test_sbatch_term_checkpoints_requeues_and_resumes(tmp_path):
     # resumed from step 3: steps 1-3 from the first run, 4-6 from the second, none repeated
     assert tensorboard_steps(run) == [1, 2, 3, 4, 5, 6]
     assert text.count("step       4/6") == 1 and text.count("step       3/6") == 1
+
+
+@pytest.mark.timeout(120)
+def test_sbatch_refuses_a_wrong_layout_before_training(tmp_path):
+    cfg = write_tiny_run(tmp_path, max_steps=4)
+    log = tmp_path / "job.out"
+    job = None
+    try:
+        p, job = _submit(["--ntasks-per-node=2", "--cpus-per-task=1"], cfg,
+                         ["--set", "parallel.sequence_parallel_size=4"], launch_env(), log)
+        rc = p.wait(timeout=100)
+    finally:
+        _cancel(job)
+    text = log.read_text()
+    assert rc == 2, text[-3000:]
+    assert "too few processes for sequence parallelism: world_size=2" in text
+    assert "rank 0/2" not in text and not (tmp_path / "run").exists()   # no task was started
