@@ -372,12 +372,13 @@ def train(cfg: RunConfig, resume: Optional[str] = None) -> TrainResult:
     accum = t.grad_accum_steps
     stream = TrainStream(cfg.data.path, d.dp_size, d.dp_rank, cfg.data.num_workers, t.micro_batch_size, t.seed,
                          cfg.data.shuffle_buffer, consumed_batches=step * accum, manifest=cfg.manifest)
+    prec = resolved_precision(t)
+    # measured before the loader's workers start, so they do not compete with the measurement
+    peak = t.peak_flops or measure_peak_flops(d.device, torch.bfloat16 if prec == "bf16" and d.device.type == "cuda"
+                                              else torch.float32)
     loader = iter(make_train_loader(stream))
 
     monitor = Monitor(run_dir / "tensorboard", d.rank, purge_step=step + 1 if where is not None else None)
-    prec = resolved_precision(t)
-    peak = t.peak_flops or measure_peak_flops(d.device, torch.bfloat16 if prec == "bf16" and d.device.type == "cuda"
-                                              else torch.float32)
     if where is None:
         hp = {**{f"model.{k}": v for k, v in resolved["model"].items()},
               **{f"train.{k}": v for k, v in resolved["train"].items()},
@@ -458,6 +459,7 @@ def train(cfg: RunConfig, resume: Optional[str] = None) -> TrainResult:
     last_loss, val, stopped_by = None, None, "max_steps"
     nonfinite_run = 0
     win = {"time": 0.0, "wait": 0.0, "steps": 0, "loss": 0.0, "loss_steps": 0}
+    warned_mfu = False
     rdev = d.device if d.device.type == "cuda" else None
     steps_this_run = 0
     grad_norm0 = None
@@ -517,6 +519,11 @@ def train(cfg: RunConfig, resume: Optional[str] = None) -> TrainResult:
                 step_time = win["time"] / win["steps"]
                 tok_s = t.global_batch_size * seq_len / step_time
                 mfu = flops_tok * tok_s / (peak * d.world_size)
+                if mfu > 1.0 and not t.peak_flops and not warned_mfu:
+                    warned_mfu = True
+                    monitor.console(f"[llp-pretrain] warning: MFU {100 * mfu:.0f}% > 100%: the start-up peak "
+                                    f"measurement ({peak / 1e9:.1f} GFLOP/s per rank) was slowed by other load on "
+                                    f"this machine; set train.peak_flops to the device's peak FLOP/s")
                 gn = grad_norm0 if stage == 0 else engine.get_global_grad_norm()
                 lr_now = lr_applied
                 monitor.scalars(step, {

@@ -30,11 +30,14 @@ def memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30  # ru_maxrss is KiB on Linux
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.3) -> float:
-    """Achievable dense matmul FLOP/s on ``device`` (best of repeated square matmuls, 2*n^3 FLOPs each).
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: Optional[float] = None) -> float:
+    """Achievable dense matmul FLOP/s on ``device`` (best of repeated square matmuls, 2*n^3 FLOPs each,
+    for ``seconds``: 0.3 on GPU, 1.0 on CPU where a busy machine makes single rounds slow).
 
-    Used as the MFU denominator when ``train.peak_flops`` is not configured."""
-    n = 2048 if device.type == "cuda" else 256
+    Used as the MFU denominator when ``train.peak_flops`` is not configured. On a machine shared
+    with other work the result is too low (MFU too high); configure the device's peak instead."""
+    seconds = seconds if seconds is not None else (0.3 if device.type == "cuda" else 1.0)
+    n = 2048 if device.type == "cuda" else 512
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = 0.0
