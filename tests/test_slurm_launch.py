@@ -99,8 +99,9 @@ def test_sbatch_term_checkpoints_requeues_and_resumes(tmp_path):
     cfg = write_tiny_run(tmp_path, max_steps=6, save_interval=0)
     run = tmp_path / "run"
     log = tmp_path / "job.out"
-    # test hook of the engine: after step 3 the ranks idle until a signal arrives (TERM lands mid-run)
-    env = launch_env(LLP_NPROC_PER_NODE="2", LLP_PRETRAIN_PAUSE_AFTER_STEP="3")
+    # test hook of the engine: after step 3 the ranks idle until a signal arrives (TERM lands mid-run).
+    # One dataloader worker per rank: SLURM signals every process of the step, workers included.
+    env = launch_env(LLP_NPROC_PER_NODE="2", LLP_PRETRAIN_PAUSE_AFTER_STEP="3", LLP_DATA_WORKERS="1")
     job = None
     try:
         # no --wait: sbatch --wait may return when the first run ends in the requeue
@@ -131,7 +132,7 @@ def test_sbatch_term_checkpoints_requeues_and_resumes(tmp_path):
     finally:
         _cancel(job)
     assert "received SIGTERM" in text and f"requeueing job {job}" in text
-    assert "(restart 1)" in text and "mode=torchrun" in text
+    assert "(restart 1)" in text and "mode=torchrun" in text and "1 dataloader worker(s)/process" in text
     # the checkpoint-and-stop run and the resumed run both exited cleanly (torchrun did not turn TERM
     # into a failure)
     assert text.count("training exited with status 0") == 2, text[-4000:]
