@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llp_pretrain.models import LATENT_VARIANTS, VARIANTS
+from llp_pretrain.models import VARIANTS
 
 __all__ = ["CompareSpec", "load_compare_config", "match_widths", "run_compare", "plot_loss_curves",
            "plot_cost", "read_scalars", "SERIES_KEY"]
@@ -143,25 +143,15 @@ def prepare_data(out_dir: Path, prep: DataPrepSpec, seq_len: int, quiet: bool = 
     """Tokenizer + shards for the comparison under ``out_dir`` (reused when already complete).
 
     Returns the shard directory (holding ``manifest.json``)."""
-    from data_prep import BUNDLED_CORPUS, ReadOptions, build_shards, read_manifest, train_tokenizer
+    from data_prep import BUNDLED_CORPUS
+    from llp_pretrain.prepare import prepare_dataset
 
-    shards = out_dir / "shards"
-    tok_dir = out_dir / "tokenizer"
-    try:
-        m = read_manifest(shards)
-        if int(m["seq_len"]) == seq_len:
-            return shards
-    except Exception:
-        pass
     corpus = [str(BUNDLED_CORPUS) if c == "bundled" else c for c in prep.corpus]
-    opts = ReadOptions(doc_sep=prep.doc_sep)
-    if not (tok_dir / "tokenizer.model").is_file():
-        train_tokenizer(corpus, tok_dir, vocab_size=prep.vocab_size, model_type=prep.model_type,
-                        max_sentences=prep.max_sentences, read_options=opts, quiet=quiet)
-    build_shards(corpus, tok_dir / "tokenizer.model", shards, seq_len=seq_len,
-                 val_fraction=prep.val_fraction, samples_per_shard=prep.samples_per_shard,
-                 read_options=opts, quiet=quiet, overwrite=True)
-    return shards
+    paths = prepare_dataset(out_dir, seq_len, corpus=corpus, vocab_size=prep.vocab_size, model_type=prep.model_type,
+                            doc_sep=prep.doc_sep, val_fraction=prep.val_fraction,
+                            samples_per_shard=prep.samples_per_shard, max_sentences=prep.max_sentences,
+                            log=(lambda msg: None) if quiet else (lambda msg: print(f"[compare] {msg}", flush=True)))
+    return paths["shards"]
 
 
 # --------------------------------------------------------------------------------------------

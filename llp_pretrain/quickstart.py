@@ -13,7 +13,6 @@ the tokenizer and shards.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -53,25 +52,11 @@ def measure_step_time(cfg, device: torch.device, steps: int = 3) -> float:
 
 
 def _prepare_data(out: Path, seq_len: int) -> Dict[str, Path]:
-    from data_prep import BUNDLED_CORPUS, ReadOptions, build_shards, train_tokenizer
+    from llp_pretrain.prepare import prepare_dataset
 
-    tok_dir, shard_dir = out / "data" / "tokenizer", out / "data" / "shards"
-    opts = ReadOptions(doc_sep="blank-line")
-    if not (tok_dir / "tokenizer.model").is_file():
-        print(f"[quickstart] 1/5 training a {VOCAB}-piece SentencePiece tokenizer on {BUNDLED_CORPUS}", flush=True)
-        train_tokenizer([str(BUNDLED_CORPUS)], str(tok_dir), vocab_size=VOCAB, read_options=opts)
-    else:
-        print(f"[quickstart] 1/5 tokenizer exists: {tok_dir / 'tokenizer.model'}", flush=True)
-    manifest_ok = False
-    if (shard_dir / "manifest.json").is_file():
-        manifest_ok = json.loads((shard_dir / "manifest.json").read_text()).get("seq_len") == seq_len
-    if not manifest_ok:
-        print(f"[quickstart] 2/5 sharding at seq_len {seq_len} into {shard_dir}", flush=True)
-        build_shards([str(BUNDLED_CORPUS)], str(tok_dir / "tokenizer.model"), str(shard_dir), seq_len=seq_len,
-                     val_fraction=0.02, samples_per_shard=1000, read_options=opts, workers=1, overwrite=True)
-    else:
-        print(f"[quickstart] 2/5 shards exist: {shard_dir}", flush=True)
-    return {"tokenizer": tok_dir / "tokenizer.model", "shards": shard_dir}
+    steps = iter(("1/5", "2/5"))
+    return prepare_dataset(out / "data", seq_len, vocab_size=VOCAB, val_fraction=0.02,
+                           log=lambda msg: print(f"[quickstart] {next(steps, '')} {msg}", flush=True))
 
 
 MIN_STEPS = 400  # fewer do not reliably reach 2x below the unigram perplexity on this corpus
