@@ -19,12 +19,10 @@
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
 import socket
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass

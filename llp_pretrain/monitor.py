@@ -11,7 +11,6 @@ discarded by TensorBoard and every curve keeps unique, increasing steps.
 from __future__ import annotations
 
 import math
-import os
 import resource
 import sys
 import time
