@@ -1,7 +1,6 @@
 """``llp-prep verify`` catches corruption (flipped byte, truncation, missing shard, duplicate key);
 ``llp-prep stats`` reports the manifest's numbers."""
 import gzip
-import io
 import json
 import shutil
 import tarfile
