@@ -85,8 +85,11 @@ def setup_distributed(sequence_parallel_size: int = 1) -> DistInfo:
     local_rank = int(os.environ["LOCAL_RANK"])
     cuda = torch.cuda.is_available()
     if cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        # with one visible GPU per task (SLURM --gpus-per-task=1, CUDA_VISIBLE_DEVICES) LOCAL_RANK can
+        # exceed the visible device count; the task's own GPU is then index LOCAL_RANK % count
+        gpu = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(gpu)
+        device = torch.device("cuda", gpu)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
