@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import random
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -202,23 +204,35 @@ class TrainStream(torch.utils.data.IterableDataset):
             yield {"tokens": torch.from_numpy(np.stack(arrays).astype(np.int64)), "keys": keys}
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGTERM/SIGUSR1.
+#: seconds a DataLoader worker outlives a SIGTERM (see :func:`_defer_stop_signals`)
+WORKER_TERM_GRACE_S = 30.0
+
+
+def _defer_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a SIGTERM does not kill a worker at once; SIGUSR1 is ignored.
 
     SLURM (``scancel --signal``, ``--signal=TERM@T``) and ``kill -- -PGID`` signal every process of
     a job step, workers included. torch's worker handler turns a TERM from anyone but the parent
-    into a crash of the worker, and the trainer then dies with it instead of checkpointing. The
-    trainer process handles the signal (checkpoint, exit 0); workers still exit when it does."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    into a crash of the worker, and the trainer would die with it instead of checkpointing. Here a
+    worker keeps serving for ``WORKER_TERM_GRACE_S`` seconds after a TERM and then exits with
+    status 0 (not an error for the trainer); the trainer normally shuts its workers down long
+    before. A TERM sent by the interpreter's exit handler (``multiprocessing`` terminates daemonic
+    children, then joins them) therefore ends the worker after the grace period instead of never."""
+    def on_term(signum, frame):
+        timer = threading.Timer(WORKER_TERM_GRACE_S, os._exit, (0,))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def make_train_loader(stream: TrainStream) -> torch.utils.data.DataLoader:
     """A DataLoader over ``stream`` with ``data.num_workers`` worker processes (0 = in-process);
-    batches pass through unchanged and are returned in worker round-robin order. Workers ignore
-    SIGTERM/SIGUSR1 (see :func:`_ignore_stop_signals`)."""
+    batches pass through unchanged and are returned in worker round-robin order. Workers outlive a
+    SIGTERM by a grace period and ignore SIGUSR1 (see :func:`_defer_stop_signals`)."""
     workers = stream.requested_workers
-    kwargs = dict(prefetch_factor=2, worker_init_fn=_ignore_stop_signals) if workers else {}
+    kwargs = dict(prefetch_factor=2, worker_init_fn=_defer_stop_signals) if workers else {}
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, **kwargs)
 
 

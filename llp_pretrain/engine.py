@@ -567,6 +567,10 @@ def train(cfg: RunConfig, resume: Optional[str] = None) -> TrainResult:
         if stopped_by == "signal":
             monitor.console(f"[llp-pretrain] stopped by signal at step {step} after saving; resume with --resume auto")
     finally:
+        # drop the only reference to the loader's iterator: its workers are shut down now, also when
+        # an error (e.g. a corrupt shard read by a worker) is on its way out, not left for the
+        # interpreter's exit handler
+        loader = None  # noqa: F841
         monitor.close()
         signals.restore()
     return TrainResult(step=step, loss=last_loss, stopped_by=stopped_by, skipped_steps=skipped_total, val=val,
