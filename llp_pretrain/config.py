@@ -296,15 +296,24 @@ def _find_tokenizer_json(data_path: Path) -> Optional[Path]:
     return None
 
 
-def resolve_tokenizer(data: DataConfig) -> Optional[Path]:
-    """The SentencePiece model for a run: ``data.tokenizer`` if set, else ``tokenizer.model`` in
-    the dataset directory, its parent, or a sibling ``tokenizer/`` directory; None if not found."""
+def resolve_tokenizer(data: DataConfig, manifest: Optional[Dict[str, Any]] = None) -> Optional[Path]:
+    """The SentencePiece model for a run: ``data.tokenizer`` if set; else the first of
+    ``tokenizer.model`` in the dataset directory, a sibling ``tokenizer/`` directory, the parent,
+    and the path ``llp-prep shard`` recorded in the manifest (as given, or relative to the dataset
+    directory) whose sha256 equals the manifest's tokenizer hash (any, without a manifest);
+    None if there is none."""
     if data.tokenizer:
         return Path(data.tokenizer)
+    from data_prep.tokenizer import file_sha256
+
     base = Path(data.path)
-    for cand in (base / "tokenizer.model", base.parent / "tokenizer" / "tokenizer.model",
-                 base.parent / "tokenizer.model"):
-        if cand.is_file():
+    tok = (manifest or {}).get("tokenizer", {})
+    cands = [base / "tokenizer.model", base.parent / "tokenizer" / "tokenizer.model", base.parent / "tokenizer.model"]
+    if tok.get("path"):
+        cands += [Path(tok["path"]), base / tok["path"]]
+    want = tok.get("sha256")
+    for cand in cands:
+        if cand.is_file() and (want is None or file_sha256(cand) == want):
             return cand
     return None
 

@@ -315,7 +315,11 @@ def train(cfg: RunConfig, resume: Optional[str] = None) -> TrainResult:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
 
-    tokenizer_path = resolve_tokenizer(cfg.data)
+    tokenizer_path = resolve_tokenizer(cfg.data, cfg.manifest)
+    if tokenizer_path is None and d.rank == 0:
+        print(f"[llp-pretrain] warning: no tokenizer.model matching {cfg.data.path}/manifest.json found next to "
+              f"the shards or where the manifest says; text samples are shown as ids and the run directory gets "
+              f"no tokenizer (set data.tokenizer=PATH)", flush=True)
     hashes = {"manifest_sha256": file_sha256(Path(cfg.data.path) / "manifest.json"),
               "tokenizer_sha256": file_sha256(tokenizer_path),
               "tokenizer_manifest_sha256": (cfg.manifest or {}).get("tokenizer", {}).get("sha256")}

@@ -146,3 +146,23 @@ def test_cli_accepts_deepspeed_launcher_local_rank():
     assert (a.command, a.config, a.resume, a.local_rank) == ("train", "c.yaml", "auto", 1)
     a = build_parser().parse_args(["train", "--config", "c.yaml", "--local_rank=0", "--set", "train.lr=1"])
     assert a.overrides == ["train.lr=1"]
+
+
+def test_tokenizer_found_where_the_manifest_says_and_hash_checked(tmp_path):
+    """README layout `data/tok` + `data/shards`: the tokenizer is found through the manifest's
+    recorded path; a decoy tokenizer.model next to the shards with another hash is not taken."""
+    import hashlib
+
+    from llp_pretrain.config import DataConfig, resolve_tokenizer
+
+    tok = tmp_path / "data" / "tok" / "tokenizer.model"
+    tok.parent.mkdir(parents=True)
+    tok.write_bytes(b"the real tokenizer")
+    shards = tmp_path / "data" / "shards"
+    shards.mkdir()
+    (tmp_path / "data" / "tokenizer.model").write_bytes(b"a decoy")
+    manifest = {"tokenizer": {"path": str(tok), "sha256": hashlib.sha256(b"the real tokenizer").hexdigest()}}
+    data = DataConfig(path=str(shards))
+    assert resolve_tokenizer(data, manifest) == tok
+    assert resolve_tokenizer(data, {"tokenizer": {"path": str(tok), "sha256": "0" * 64}}) is None
+    assert resolve_tokenizer(DataConfig(path=str(shards), tokenizer="x.model"), manifest) == Path("x.model")
