@@ -105,7 +105,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "val", stride: 
         raise ValueError(f"{data}/manifest.json has seq_len {manifest['seq_len']}, the model {n}")
     sl = model.trained_positions(n)
     tlen = sl.stop - sl.start
-    stride = stride or max(1, tlen // 2)
+    stride = stride if stride is not None else max(1, tlen // 2)
     stream = read_split_stream(data, split, manifest, max_samples=max_samples)
     plan = window_plan(len(stream), n, stride, tlen)
     nll, count = score_windows(lambda x: model(x), torch.from_numpy(stream), plan, n, tlen, batch_size)
@@ -168,7 +168,12 @@ def _cmd_quickstart(args) -> int:
 def _cmd_compare(args) -> int:
     from llp_pretrain.compare import run_compare
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    variants = None
+    if args.variants is not None:
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        if not variants:
+            raise ValueError("--variants is empty; name one or more of gpt, perceiver_ar, history_self_attention, "
+                             "compressed_history, segmented_history, llp (or leave it out for the config's list)")
     run_compare(args.config, out=args.out, variants=variants, steps=args.steps)
     return 0
 

@@ -85,19 +85,31 @@ def run_quickstart(out: str = "runs/quickstart", minutes: Optional[float] = None
     cfg = load_config("configs/quickstart.yaml", overrides, world_size=1)
     device = torch.device("cuda" if cuda else "cpu")
     budget = 60.0 * minutes
+    existing = run_dir / "checkpoints" / "latest"
+    continuing = steps is None and existing.is_file() and (run_dir / "config.resolved.yaml").is_file()
+    if continuing and (run_dir / "config.resolved.yaml").is_file():
+        # an earlier quickstart planned this run: continue it to its planned length (a finished run
+        # is only evaluated); changing max_steps would change its LR schedule mid-run
+        import yaml
+
+        steps = int(yaml.safe_load((run_dir / "config.resolved.yaml").read_text())["train"]["max_steps"])
+        print(f"[quickstart] 3/5 continuing the run in {run_dir} to its planned {steps} steps "
+              f"(delete that directory to train a new one)", flush=True)
     step_time = measure_step_time(cfg, device) if steps is None else float("nan")
     if steps is None:
         steps = max(MIN_STEPS, int(0.85 * budget / (step_time * 1.15)))  # DeepSpeed/eval/logging overhead ~15 %
         if steps * step_time > 1.2 * budget:
             print(f"[quickstart] note: this machine needs {step_time:.2f} s/step; the {MIN_STEPS} steps the quickstart "
                   f"needs take ~{steps * step_time / 60:.1f} min (is it busy?)", flush=True)
-    print(f"[quickstart] 3/5 training {cfg.model.variant} ({'GPU' if cuda else 'CPU'}): measured {step_time:.3f} s/step "
-          f"-> {steps} steps (~{steps * step_time / 60:.1f} min)", flush=True)
+        print(f"[quickstart] 3/5 training {cfg.model.variant} ({'GPU' if cuda else 'CPU'}): measured {step_time:.3f} "
+              f"s/step -> {steps} steps (~{steps * step_time / 60:.1f} min)", flush=True)
+    elif not continuing:
+        print(f"[quickstart] 3/5 training {cfg.model.variant} ({'GPU' if cuda else 'CPU'}) for {steps} steps", flush=True)
     sets = [f"train.max_steps={steps}", f"train.warmup_steps={max(2, min(30, steps // 20))}",
             f"train.eval_interval={max(10, steps // 4)}", f"train.save_interval={max(10, steps // 4)}",
             f"train.log_interval={max(1, min(20, steps // 10))}"]
     cfg = load_config("configs/quickstart.yaml", overrides + sets, world_size=1)
-    res = train(cfg, resume=None if not (run_dir / "checkpoints" / "latest").is_file() else "auto")
+    res = train(cfg, resume="auto" if existing.is_file() else None)
 
     print("[quickstart] 4/5 evaluating validation perplexity (strided, stride seq_len/2)", flush=True)
     n = cfg.model.seq_len

@@ -105,7 +105,8 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
     Returns the prompt plus the new tokens, ``(B, T + n)`` (``(T + n,)`` for a 1-D prompt),
     ``n <= max_new_tokens``: generation stops early once every row has produced ``eos_id``
     (rows that finished earlier are filled with ``eos_id``). ``seed`` makes sampling
-    reproducible. Raises ``ValueError`` on an empty prompt or negative ``max_new_tokens``.
+    reproducible. Raises ``ValueError`` on an empty prompt, negative ``max_new_tokens`` or
+    ``temperature``, ``top_k < 1`` or ``top_p`` outside ``(0, 1]``.
     """
     was_training = model.training
     model.eval()
@@ -119,6 +120,12 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
             raise ValueError("prompt_ids must be a non-empty (T,) or (B, T) sequence of ids")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (or unset), got {top_k}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (or unset), got {top_p}")
         gen = None
         if seed is not None:
             gen = torch.Generator(device=ids.device)
