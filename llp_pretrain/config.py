@@ -359,11 +359,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: Optional[List[
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(source, [("<top>", "the run config must be a mapping of sections")])
+    overridden = set()
     for key_path, value in parse_overrides(list(overrides or [])):
         _apply_override(raw, key_path, value)
+        overridden.add(".".join(key_path))
 
     def where(loc: str) -> str:
         parts = loc.split(".")
+        for i in range(len(parts), 0, -1):  # a value given with --set is reported as such, not by YAML line
+            if ".".join(parts[:i]) in overridden:
+                return f"{loc} (--set)"
         for i in range(len(parts), 0, -1):
             ln = lines.get(".".join(parts[:i]))
             if ln is not None:

@@ -166,3 +166,15 @@ def test_tokenizer_found_where_the_manifest_says_and_hash_checked(tmp_path):
     assert resolve_tokenizer(data, manifest) == tok
     assert resolve_tokenizer(data, {"tokenizer": {"path": str(tok), "sha256": "0" * 64}}) is None
     assert resolve_tokenizer(DataConfig(path=str(shards), tokenizer="x.model"), manifest) == Path("x.model")
+
+
+def test_set_override_errors_are_attributed_to_set_not_a_yaml_line(ds, tmp_path):
+    raw = tiny_run_config(ds, tmp_path / "run")
+    path = tmp_path / "ok.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(ConfigError) as ei:
+        load_config(path, overrides=["train.max_step=10", "train.lr=fast"])
+    locs = dict(ei.value.problems)
+    assert "train.max_step (--set)" in locs and "did you mean 'max_steps'" in locs["train.max_step (--set)"]
+    assert any(loc.startswith("train.lr") and loc.endswith("(--set)") for loc in locs)
+    assert not any("(line" in loc for loc in locs)
