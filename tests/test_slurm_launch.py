@@ -94,6 +94,11 @@ def test_sbatch_two_tasks_train_checkpoint_and_tensorboard(tmp_path):
     assert tensorboard_steps(run) == [1, 2, 3, 4]
 
 
+def _node_state() -> str:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=30).stdout
+    return out.split()[0] if out.split() else ""
+
+
 @pytest.mark.timeout(360)
 def test_sbatch_term_checkpoints_requeues_and_resumes(tmp_path):
     cfg = write_tiny_run(tmp_path, max_steps=6, save_interval=0)
@@ -111,7 +116,11 @@ def test_sbatch_term_checkpoints_requeues_and_resumes(tmp_path):
         # the batch script forwards TERM, training saves step 3 and exits, the job is requeued (pending)
         _wait_for(lambda: _job_record(job).get("JobState") == "PENDING", 120, "the job to be requeued")
         assert checkpoint_steps(run) == [3], log.read_text()[-3000:]
-        # SLURM holds requeued jobs ~2 minutes (BeginTime); release it now
+        # SLURM holds requeued jobs ~2 minutes (BeginTime); release it now, but only once the node has
+        # finished the first run and a second has passed: slurmd refuses ("Job credential revoked") a
+        # credential issued within the same second as the requeue's revocation, which a fast machine hits
+        _wait_for(lambda: _node_state() == "idle", 120, "the node to finish cleaning up the first run")
+        time.sleep(2)
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
         final, seen = {}, []
 
