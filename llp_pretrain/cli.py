@@ -161,7 +161,11 @@ def _cmd_export(args) -> int:
 def _cmd_quickstart(args) -> int:
     from llp_pretrain.quickstart import run_quickstart
 
-    run_quickstart(args.out, args.minutes, steps=args.steps, require_margin=args.steps is None)
+    try:
+        run_quickstart(args.out, args.minutes, steps=args.steps, require_margin=args.steps is None)
+    except RuntimeError as e:  # the trained model does not beat the unigram baseline by the required margin
+        print(f"llp-pretrain quickstart: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
