@@ -38,7 +38,7 @@ setup(
         "zstandard>=0.21",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.2"],
+        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "pillow>=9"],
     },
     entry_points={
         "console_scripts": [
