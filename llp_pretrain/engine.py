@@ -171,16 +171,12 @@ def compute_loss(model, tokens: torch.Tensor, sp: Optional[SequenceParallelConte
 
 
 def file_sha256(path: Optional[Path]) -> Optional[str]:
-    """sha256 hex digest of a file, or None if ``path`` is None/missing."""
-    import hashlib
+    """sha256 hex digest of a file (``data_prep``'s hash), or None if ``path`` is None/missing."""
+    from data_prep.tokenizer import file_sha256 as _sha256
 
     if path is None or not Path(path).is_file():
         return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return _sha256(path)
 
 
 @dataclass

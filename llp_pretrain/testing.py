@@ -6,7 +6,6 @@ tokenizer or ``llp-prep``.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -37,11 +36,9 @@ def synthetic_stream(n_tokens: int, vocab_size: int, seed: int = 0) -> np.ndarra
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from data_prep.tokenizer import file_sha256
+
+    return file_sha256(path)
 
 
 def write_tiny_dataset(out_dir: str | os.PathLike, seq_len: int, train_samples: Sequence[int],
