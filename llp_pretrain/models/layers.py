@@ -21,25 +21,26 @@ def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor):
-    """``cos, sin`` of shape ``(T, d)`` for integer ``positions`` ``(T,)``.
+def rope_rotations(inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Unit complex rotations ``exp(i * pos * inv_freq)`` of shape ``(T, d/2)`` (complex64).
 
-    Angles ``pos * inv_freq`` are computed in fp32 and repeated per interleaved pair
-    ``(2i, 2i+1)``, as in the reference's ``rotary-embedding-torch``.
+    Angles ``pos * inv_freq`` are computed in fp32; rotation ``i`` acts on the interleaved
+    pair ``(2i, 2i+1)``, as in the reference's ``rotary-embedding-torch``.
     """
     ang = positions.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]
-    ang = ang.repeat_interleave(2, dim=-1)
-    return ang.cos(), ang.sin()
+    return torch.polar(torch.ones_like(ang), ang)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of ``x`` ``(..., T, d)`` by the angles in ``cos, sin`` ``(T, d)``.
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of ``x`` ``(..., d)`` by ``rotations`` (complex, broadcast
+    against ``(..., d/2)``: ``(T, d/2)`` for ``x`` ``(..., T, d)``, ``(T, 1, d/2)`` for
+    ``(B, T, H, d)``).
 
-    Pair ``(x0, x1)`` becomes ``(x0 cos - x1 sin, x1 cos + x0 sin)``.
+    Pair ``(x0, x1)`` becomes ``(x0 cos - x1 sin, x1 cos + x0 sin)``: one complex product in
+    fp32 (a single elementwise pass forward and backward), cast back to ``x``'s dtype.
     """
-    x2 = x.unflatten(-1, (-1, 2))
-    rot = torch.stack((-x2[..., 1], x2[..., 0]), dim=-1).flatten(-2)
-    return (x.float() * cos + rot.float() * sin).to(x.dtype)
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * rotations).flatten(-2).to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -49,7 +50,9 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(d_model, ratio * d_model)
         self.act = nn.GELU()
-        self.drop = nn.Dropout(dropout)
+        # ``nn.Dropout(0.0)`` still copies its input in training mode (a full (B, T, r D)
+        # pass forward and backward), so with no dropout there is no module at all.
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc2 = nn.Linear(ratio * d_model, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,40 +109,51 @@ class AttentionBase(nn.Module):
 
     # ---- shapes -------------------------------------------------------------------------
     def split_heads(self, t: torch.Tensor) -> torch.Tensor:
-        """``(B, T, D) -> (B, H, T, d)``."""
+        """``(B, T, D) -> (B, H, T, d)``, a view whose memory stays ``(B, T, H, d)``."""
         B, T, _ = t.shape
         return t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
 
     @staticmethod
     def merge_heads(t: torch.Tensor) -> torch.Tensor:
-        """``(B, H, T, d) -> (B, T, D)``."""
+        """``(B, H, T, d) -> (B, T, D)``; free when ``t``'s memory is ``(B, T, H, d)`` (what
+        SDPA's CPU flash kernel returns), a copy otherwise."""
         B, H, T, d = t.shape
         return t.transpose(1, 2).reshape(B, T, H * d)
 
     def _rope(self, t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate ``t`` ``(B, T, H, d)`` at ``positions`` ``(T,)`` (no-op without RoPE here)."""
         if not self.use_rope:
             return t
-        cos, sin = rope_cos_sin(self.inv_freq, positions)
-        return apply_rope(t, cos.to(t.device), sin.to(t.device))
+        rot = rope_rotations(self.inv_freq, positions).to(t.device)
+        return apply_rope(t, rot.unsqueeze(1))
 
     # ---- projections --------------------------------------------------------------------
+    def _heads(self, proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return proj(x).view(B, T, self.n_heads, self.head_dim)
+
     def queries(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Queries ``(B, H, T, d)`` of normed inputs ``x`` ``(B, T, D)`` at ``positions`` ``(T,)``."""
-        return self._rope(self.split_heads(self.q_proj(x)), positions)
+        """Queries ``(B, H, T, d)`` of normed inputs ``x`` ``(B, T, D)`` at ``positions`` ``(T,)``.
+
+        The result is a transposed view of ``(B, T, H, d)`` memory, as SDPA takes it.
+        """
+        return self._rope(self._heads(self.q_proj, x), positions).transpose(1, 2)
 
     def keys_values(self, x: torch.Tensor, positions: torch.Tensor):
-        """Keys and values ``(B, H, T, d)`` each; with ``shared_kv`` they are the same tensor."""
+        """Keys and values ``(B, H, T, d)`` each (views of ``(B, T, H, d)`` memory); with
+        ``shared_kv`` they are the same tensor."""
         if self.cfg.shared_kv:
-            k = self._rope(self.split_heads(self.kv_proj(x)), positions)
+            k = self._rope(self._heads(self.kv_proj, x), positions)
             if self.cfg.kv_layernorm:
                 k = self.kv_norm(k)
+            k = k.transpose(1, 2)
             return k, k
-        k = self._rope(self.split_heads(self.k_proj(x)), positions)
-        v = self.split_heads(self.v_proj(x))
+        k = self._rope(self._heads(self.k_proj, x), positions)
+        v = self._heads(self.v_proj, x)
         if self.cfg.kv_layernorm:
             k = self.kv_norm(k)
             v = self.v_norm(v)
-        return k, v
+        return k.transpose(1, 2), v.transpose(1, 2)
 
     def attend(self, q, k, v, mask: Optional[torch.Tensor] = None, causal: bool = False):
         """SDPA with scale ``d**-0.5``; ``mask`` is boolean (True = visible), broadcastable.

@@ -2,9 +2,9 @@
 
 arXiv:2412.06106, section on LLP (ECP in v2). The window is split into segments of ``L`` tokens.
 Segment 0 runs causal self-attention within itself; segment ``s >= 1`` attends to all ``L``
-keys of segment ``s - 1`` plus the causal part of itself. The pairs are batched as
-``(B, H * S, L, 2L)`` attention problems, so no ``N x N`` score matrix is ever built and time
-and memory are linear in ``N`` for a fixed ``L``.
+keys of segment ``s - 1`` plus the causal part of itself (``pair_attention.py``: batched
+``(L, 2L)`` problems, so no ``N x N`` score matrix is ever built and time and memory are
+linear in ``N`` for a fixed ``L``).
 
 Sequence parallelism: with a ``seq_parallel`` object, ``x`` is this rank's chunk (a whole number
 of segments); each layer calls ``seq_parallel.exchange_halo(k_last, v_last)`` with the keys and
@@ -18,13 +18,7 @@ import torch
 from torch import nn
 
 from .layers import AttentionBase, ForwardContext
-
-
-def pair_mask(L: int, device=None) -> torch.Tensor:
-    """Boolean ``(L, 2L)`` mask of one segment pair: left half visible, right half causal."""
-    left = torch.ones(L, L, dtype=torch.bool, device=device)
-    right = torch.ones(L, L, dtype=torch.bool, device=device).tril()
-    return torch.cat([left, right], dim=1)
+from .pair_attention import pair_attention
 
 
 class LLPAttention(AttentionBase):
@@ -36,25 +30,10 @@ class LLPAttention(AttentionBase):
         if cfg.separate_first_segment_proj:
             self.out_proj_first = nn.Linear(cfg.d_model, cfg.d_model)
 
-    def _pairs(self, q, kc, vc, kp, vp):
-        """Queries ``(B, H, S', L, d)`` against ``[prev | cur]`` keys; returns ``(B, H, S', L, d)``."""
-        B, H, Sp, L, d = q.shape
-        kk = torch.cat([kp, kc], dim=3)
-        vv = kk if (vp is kp and vc is kc) else torch.cat([vp, vc], dim=3)
-        o = self.attend(
-            q.reshape(B, H * Sp, L, d),
-            kk.reshape(B, H * Sp, 2 * L, d),
-            vv.reshape(B, H * Sp, 2 * L, d),
-            mask=pair_mask(L, q.device),
-        )
-        return o.view(B, H, Sp, L, d)
-
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        B, T, _ = x.shape
-        L, H, d = self.segment_len, self.n_heads, self.head_dim
+        T, L = x.shape[1], self.segment_len
         if T % L != 0:
             raise ValueError(f"LLP layer input length {T} is not a multiple of segment_len {L}")
-        S = T // L
         pos = torch.arange(ctx.offset, ctx.offset + T, device=x.device)
         q = self.queries(x, pos)
         k, v = self.keys_values(x, pos)
@@ -66,27 +45,11 @@ class LLPAttention(AttentionBase):
             )
         if ctx.cache is not None:
             ctx.cache.store(self.layer, k, v, ctx.n_tokens)
-        qs, ks = q.view(B, H, S, L, d), k.view(B, H, S, L, d)
-        vs = ks if shared else v.view(B, H, S, L, d)
-        if halo is None:
-            o0 = self.attend(qs[:, :, 0], ks[:, :, 0], vs[:, :, 0], causal=True).unsqueeze(2)
-            if S > 1:
-                kp = ks[:, :, :-1]
-                vp = kp if shared else vs[:, :, :-1]
-                kc = ks[:, :, 1:]
-                vc = kc if shared else vs[:, :, 1:]
-                o = torch.cat([o0, self._pairs(qs[:, :, 1:], kc, vc, kp, vp)], dim=2)
-            else:
-                o = o0
-        else:
-            k_prev, v_prev = halo
-            if v_prev is None:
-                v_prev = k_prev
-            kp = torch.cat([k_prev.unsqueeze(2), ks[:, :, :-1]], dim=2)
-            vp = kp if (shared and v_prev is k_prev) else torch.cat(
-                [v_prev.unsqueeze(2), vs[:, :, :-1]], dim=2)
-            o = self._pairs(qs, ks, vs, kp, vp)
-        m = self.merge_heads(o.reshape(B, H, T, d))
+        if halo is not None and halo[1] is None:
+            halo = (halo[0], halo[0])
+        p = self.dropout if self.training else 0.0
+        o = pair_attention(q, k, v, L, self.head_dim ** -0.5, halo=halo, dropout_p=p)
+        m = self.merge_heads(o)
         if halo is None and hasattr(self, "out_proj_first"):
             return torch.cat([self.out_proj_first(m[:, :L]), self.out_proj(m[:, L:])], dim=1)
         return self.out_proj(m)
