@@ -124,8 +124,14 @@ class AttentionBase(nn.Module):
         """Rotate ``t`` ``(B, T, H, d)`` at ``positions`` ``(T,)`` (no-op without RoPE here)."""
         if not self.use_rope:
             return t
-        rot = rope_rotations(self.inv_freq, positions).to(t.device)
-        return apply_rope(t, rot.unsqueeze(1))
+        # queries and keys of one forward pass the same ``positions`` object: compute once
+        cached = getattr(self, "_rope_cache", None)
+        if cached is not None and cached[0] is positions and cached[1].device == t.device:
+            rot = cached[1]
+        else:
+            rot = rope_rotations(self.inv_freq, positions).to(t.device).unsqueeze(1)
+            self._rope_cache = (positions, rot)
+        return apply_rope(t, rot)
 
     # ---- projections --------------------------------------------------------------------
     def _heads(self, proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
