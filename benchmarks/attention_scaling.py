@@ -6,10 +6,21 @@ the PerceiverAR family and the history segment size of segmented_history), N = 1
 fp32, measured side by side in one run; ratios against ``gpt``. Also LLP's decode latency per
 token after a 1k and a 16k prompt (and gpt's, for comparison, where asked).
 
-Each (variant, N) runs in a fresh child process so that peak memory can be read:
+Step times are measured *interleaved*: for each N one process holds every requested variant
+and runs ``--repeats`` rounds in which each variant takes one step (the order rotates every
+round); a variant's ratio to ``gpt`` is the median over rounds of the two steps' times in the
+same round, so machine load that drifts over minutes hits both sides of a ratio alike.
+
+``--dtype bf16`` runs every forward under bf16 autocast (fp32 weights, bf16 matmuls and
+attention), as mixed-precision training does; the default is plain fp32.
+
+Peak memory is read in a fresh child process per (variant, N):
 - CPU: peak RSS (``ru_maxrss``) minus the RSS just before the first step (MiB);
 - CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the step (MiB).
-Times are medians over ``--repeats`` steps after one warm-up step.
+
+Decode latency: one process prefills the 1k and the 16k prompt into two caches of the same
+model and then alternates decode steps between them (``--decode-steps`` each); the ratio is
+the median of the per-pair ratios.
 
 Usage::
 
@@ -58,68 +69,122 @@ def _rss_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def child(spec: dict) -> dict:
-    """Run one measurement in this process and return its JSON result."""
+def _setup(spec: dict):
     import torch
 
-    from llp_pretrain.models import ModelConfig, build_model, lm_loss
-    from llp_pretrain.models.generation import decode_step, prefill
-
     torch.manual_seed(0)
-    dev = torch.device(spec["device"])
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    cfg = ModelConfig(**spec["model"])
-    model = build_model(cfg).to(dev)
-    N = cfg.seq_len
-    out = {"variant": cfg.variant, "N": N, "params": model.num_params(),
-           "flops_per_token": model.flops_per_token()}
-    if spec["kind"] == "step":
-        model.train()
-        tokens = torch.randint(0, cfg.vocab_size, (spec["batch"], N + 1), device=dev)
+    return torch, torch.device(spec["device"])
 
-        def step():
+
+def spec_dtype(dev, dtype: str):
+    """The compute-precision context: fp32 as is, or bf16 autocast (fp32 weights, bf16
+    matmuls and attention, as mixed-precision training runs them)."""
+    import contextlib
+
+    import torch
+
+    if dtype == "bf16":
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _step_fn(torch, dev, model, batch: int, dtype: str = "fp32"):
+    """One forward+backward step of ``model`` on random tokens; returns a timer closure."""
+    from llp_pretrain.models import lm_loss
+
+    cfg = model.cfg
+    tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), device=dev)
+
+    amp = spec_dtype(dev, dtype)
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        with amp:
             loss, n = lm_loss(model, tokens)
-            (loss / n).backward()
-            model.zero_grad(set_to_none=True)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-
+        (loss / n).backward()
+        model.zero_grad(set_to_none=True)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            base = _rss_mib()
-        times = []
-        for i in range(spec["repeats"] + 1):
-            t0 = time.perf_counter()
-            step()
-            if i > 0:
-                times.append(time.perf_counter() - t0)
-        if dev.type == "cuda":
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-        out.update(step_s=statistics.median(times), step_times_s=times, peak_mem_mib=peak,
-                   tokens_per_s=spec["batch"] * N / statistics.median(times))
-    else:  # decode
-        model.eval()
-        P = spec["prompt_len"]
-        ids = torch.randint(0, cfg.vocab_size, (1, P + spec["decode_steps"] + 1), device=dev)
-        with torch.no_grad():
-            _, state = prefill(model, ids[:, :P])
-            times = []
-            for t in range(P, P + spec["decode_steps"]):
+        return time.perf_counter() - t0
+
+    return step
+
+
+def child_memory(spec: dict) -> dict:
+    """Peak memory of one (variant, N): one warm-up step, then ``repeats`` steps."""
+    torch, dev = _setup(spec)
+    from llp_pretrain.models import ModelConfig, build_model
+
+    model = build_model(ModelConfig(**spec["model"])).to(dev).train()
+    step = _step_fn(torch, dev, model, spec["batch"], spec.get("dtype", "fp32"))
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _rss_mib()
+    times = [step() for _ in range(spec["repeats"] + 1)][1:]
+    if dev.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    return {"variant": model.cfg.variant, "N": model.cfg.seq_len, "peak_mem_mib": peak,
+            "params": model.num_params(), "flops_per_token": model.flops_per_token(),
+            "isolated_step_times_s": times}
+
+
+def child_times(spec: dict) -> dict:
+    """Interleaved step times of several variants at one N (see the module docstring)."""
+    torch, dev = _setup(spec)
+    from llp_pretrain.models import ModelConfig, build_model
+
+    steps = {}
+    for fields in spec["models"]:
+        model = build_model(ModelConfig(**fields)).to(dev).train()
+        steps[model.cfg.variant] = _step_fn(torch, dev, model, spec["batch"],
+                                            spec.get("dtype", "fp32"))
+        steps[model.cfg.variant]()  # warm-up
+    names = list(steps)
+    rounds = []
+    for r in range(spec["repeats"]):
+        order = names[r % len(names):] + names[:r % len(names)]
+        rounds.append({v: steps[v]() for v in order})
+    return {"N": spec["N"], "rounds": rounds}
+
+
+def child_decode(spec: dict) -> dict:
+    """Per-token decode latency after each prompt length, steps alternating between them."""
+    torch, dev = _setup(spec)
+    from llp_pretrain.models import ModelConfig, build_model
+    from llp_pretrain.models.generation import decode_step, prefill
+
+    model = build_model(ModelConfig(**spec["model"])).to(dev).eval()
+    V, n = model.cfg.vocab_size, spec["decode_steps"]
+    prompts = spec["prompt_lens"]
+    states, ids = {}, {}
+    with torch.no_grad(), spec_dtype(dev, spec.get("dtype", "fp32")):
+        for P in prompts:
+            ids[P] = torch.randint(0, V, (1, P + n), device=dev)
+            states[P] = prefill(model, ids[P][:, :P])[1]
+        times = {P: [] for P in prompts}
+        for t in range(n):
+            for P in (prompts if t % 2 == 0 else prompts[::-1]):
                 t0 = time.perf_counter()
-                decode_step(model, ids[:, t], state)
+                decode_step(model, ids[P][:, P + t], states[P])
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-        times = times[2:]  # warm-up
-        out.update(prompt_len=P, decode_ms=1000 * statistics.median(times),
-                   decode_times_ms=[1000 * t for t in times])
-    return out
+                times[P].append(time.perf_counter() - t0)
+    warm = min(5, n // 4)
+    return {"variant": model.cfg.variant,
+            "decode_ms": {str(P): 1000 * statistics.median(times[P][warm:]) for P in prompts},
+            "decode_times_ms": {str(P): [1000 * x for x in times[P][warm:]] for P in prompts}}
+
+
+def child(spec: dict) -> dict:
+    return {"memory": child_memory, "times": child_times, "decode": child_decode}[
+        spec["kind"]](spec)
 
 
 def run_child(spec: dict, timeout: float) -> dict:
@@ -144,14 +209,19 @@ def main(argv=None) -> int:
     ap.add_argument("--segment-len", type=int, default=256)
     ap.add_argument("--vocab-size", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3, help="timed steps (after 1 warm-up)")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="interleaved timing rounds per N (after one warm-up step each)")
+    ap.add_argument("--memory-repeats", type=int, default=1,
+                    help="steps after the warm-up in each peak-memory process")
     ap.add_argument("--decode-prompts", nargs="*", type=int, default=[1024, 16384])
     ap.add_argument("--decode-variants", nargs="*", default=["llp", "gpt"])
-    ap.add_argument("--decode-steps", type=int, default=40)
+    ap.add_argument("--decode-steps", type=int, default=200)
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="fp32, or bf16 autocast (mixed precision, fp32 weights)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads per measurement (0: torch default); 1 gives "
                          "stable medians on a shared CPU box")
-    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per child process")
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" /
                                          "attention_scaling.json"))
@@ -163,7 +233,7 @@ def main(argv=None) -> int:
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                            "device": args.device, "python": platform.python_version()},
                "settings": {k: v for k, v in vars(args).items() if k not in ("child", "out")},
-               "step": [], "decode": []}
+               "step": [], "memory": [], "decode": []}
     try:
         import torch
 
@@ -171,33 +241,48 @@ def main(argv=None) -> int:
         results["machine"]["torch_threads"] = args.threads or torch.get_num_threads()
     except ImportError:
         pass
+    common = dict(device=args.device, batch=args.batch, threads=args.threads, dtype=args.dtype)
     for N in args.lengths:
+        spec = dict(kind="times", N=N, repeats=args.repeats,
+                    models=[model_fields(v, N, args) for v in args.variants], **common)
+        r = run_child(spec, args.timeout)
         for v in args.variants:
-            spec = dict(kind="step", model=model_fields(v, N, args), device=args.device,
-                        batch=args.batch, repeats=args.repeats, threads=args.threads)
-            r = run_child(spec, args.timeout)
-            r.setdefault("variant", v)
-            r.setdefault("N", N)
-            results["step"].append(r)
+            row = {"variant": v, "N": N}
+            if "rounds" in r:
+                ts = [rd[v] for rd in r["rounds"]]
+                row.update(step_s=statistics.median(ts), step_times_s=ts,
+                           tokens_per_s=args.batch * N / statistics.median(ts))
+                if "gpt" in args.variants:
+                    row["ratio_to_gpt_per_round"] = [rd[v] / rd["gpt"] for rd in r["rounds"]]
+            else:
+                row["error"] = r["error"]
+            results["step"].append(row)
             print(f"step   {v:24s} N={N:6d} " + (
-                f"{r['step_s']:8.3f} s  peak {r['peak_mem_mib']:8.1f} MiB" if "step_s" in r
-                else r["error"]), flush=True)
-    for v in args.decode_variants:
-        for P in args.decode_prompts:
-            fields = model_fields(v, max(P + args.decode_steps + 1, args.segment_len), args)
-            if v == "llp":  # LLP decodes beyond seq_len: keep the model's window at 1k
-                fields = model_fields(v, 4 * args.segment_len, args)
-            elif v == "gpt":
-                fields["seq_len"] = P + args.decode_steps + 1
-            spec = dict(kind="decode", model=fields, device=args.device, prompt_len=P,
-                        decode_steps=args.decode_steps, threads=args.threads)
-            r = run_child(spec, args.timeout)
-            r.setdefault("variant", v)
-            r.setdefault("prompt_len", P)
-            results["decode"].append(r)
-            print(f"decode {v:24s} P={P:6d} " + (
-                f"{r['decode_ms']:8.3f} ms/token" if "decode_ms" in r else r["error"]),
+                f"{row['step_s']:8.3f} s" if "step_s" in row else row["error"]), flush=True)
+        for v in args.variants:
+            spec = dict(kind="memory", model=model_fields(v, N, args),
+                        repeats=args.memory_repeats, **common)
+            m = run_child(spec, args.timeout)
+            m.setdefault("variant", v)
+            m.setdefault("N", N)
+            results["memory"].append(m)
+            print(f"memory {v:24s} N={N:6d} " + (
+                f"peak {m['peak_mem_mib']:8.1f} MiB" if "peak_mem_mib" in m else m["error"]),
                 flush=True)
+    for v in args.decode_variants:
+        P_max = max(args.decode_prompts, default=0)
+        if v == "llp":  # LLP decodes beyond seq_len: keep the model's window at 4 segments
+            fields = model_fields(v, 4 * args.segment_len, args)
+        else:  # gpt's cache holds seq_len tokens: size the model for the longest prompt
+            fields = model_fields(v, P_max + args.decode_steps, args)
+        spec = dict(kind="decode", model=fields, prompt_lens=args.decode_prompts,
+                    decode_steps=args.decode_steps, **common)
+        r = run_child(spec, args.timeout)
+        r.setdefault("variant", v)
+        results["decode"].append(r)
+        print(f"decode {v:24s} " + (
+            "  ".join(f"P={P}: {ms:.3f} ms/token" for P, ms in r["decode_ms"].items())
+            if "decode_ms" in r else r["error"]), flush=True)
     results["ratios"] = ratios(results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -210,25 +295,33 @@ def main(argv=None) -> int:
 
 
 def ratios(results: dict) -> dict:
+    """Ratios against ``gpt`` (time: median of same-round ratios) and the issue's targets."""
     step = {(r["variant"], r["N"]): r for r in results["step"] if "step_s" in r}
+    mem = {(r["variant"], r["N"]): r for r in results["memory"] if "peak_mem_mib" in r}
     out = {"time_vs_gpt": {}, "mem_vs_gpt": {}, "targets": {}}
     for (v, N), r in sorted(step.items()):
-        g = step.get(("gpt", N))
-        if g and v != "gpt":
-            out["time_vs_gpt"].setdefault(v, {})[N] = r["step_s"] / g["step_s"]
-            if g["peak_mem_mib"] > 0:
-                out["mem_vs_gpt"].setdefault(v, {})[N] = r["peak_mem_mib"] / g["peak_mem_mib"]
+        if v != "gpt" and "ratio_to_gpt_per_round" in r:
+            out["time_vs_gpt"].setdefault(v, {})[N] = statistics.median(
+                r["ratio_to_gpt_per_round"])
+    for (v, N), r in sorted(mem.items()):
+        g = mem.get(("gpt", N))
+        if g and v != "gpt" and g["peak_mem_mib"] > 0:
+            out["mem_vs_gpt"].setdefault(v, {})[N] = r["peak_mem_mib"] / g["peak_mem_mib"]
     t = out["targets"]
-    if ("llp", 16384) in step and ("gpt", 16384) in step:
-        x = step[("llp", 16384)]["step_s"] / step[("gpt", 16384)]["step_s"]
+    x = out["time_vs_gpt"].get("llp", {}).get(16384)
+    if x is not None:
         t["llp_16k_over_gpt_16k"] = {"value": x, "target": 0.2, "met": x <= 0.2}
     if ("llp", 16384) in step and ("llp", 2048) in step:
         x = step[("llp", 16384)]["step_s"] / step[("llp", 2048)]["step_s"]
         t["llp_16k_over_llp_2k"] = {"value": x, "target": 9.0, "met": x <= 9.0}
-    dec = {(r["variant"], r["prompt_len"]): r for r in results["decode"] if "decode_ms" in r}
-    if ("llp", 16384) in dec and ("llp", 1024) in dec:
-        x = dec[("llp", 16384)]["decode_ms"] / dec[("llp", 1024)]["decode_ms"]
-        t["llp_decode_16k_over_1k"] = {"value": x, "target": 1.2, "met": x <= 1.2}
+    for r in results["decode"]:
+        ms = r.get("decode_ms", {})
+        if r["variant"] == "llp" and "1024" in ms and "16384" in ms:
+            per_pair = [b / a for a, b in zip(r["decode_times_ms"]["1024"],
+                                              r["decode_times_ms"]["16384"])]
+            x = statistics.median(per_pair)
+            t["llp_decode_16k_over_1k"] = {"value": x, "target": 1.2, "met": x <= 1.2,
+                                           "ratio_of_medians": ms["16384"] / ms["1024"]}
     return out
 
 

@@ -53,9 +53,34 @@ def pair_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_le
 
 
 def _cpu_kernel_applies(q, k, v, dropout_p: float) -> bool:
-    return (_FLASH_CPU is not None and _FLASH_CPU_BWD is not None and dropout_p == 0.0
-            and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
-            and k.dtype == q.dtype and v.dtype == q.dtype)
+    return (dropout_p == 0.0 and q.device.type == "cpu"
+            and q.dtype in (torch.float32, torch.bfloat16)
+            and k.dtype == q.dtype and v.dtype == q.dtype and _cpu_kernel_works())
+
+
+_PROBE: dict = {}
+
+
+def _cpu_kernel_works() -> bool:
+    """Whether this torch's CPU flash kernel takes what ``pair_attention_cpu`` passes it (a
+    float mask, strided overlapping inputs) and agrees with the SDPA path; checked once on a
+    tiny problem, so a torch whose private kernel signature differs falls back cleanly."""
+    if "ok" not in _PROBE:
+        ok = _FLASH_CPU is not None and _FLASH_CPU_BWD is not None
+        if ok:
+            try:
+                g = torch.Generator().manual_seed(0)
+                q, k, v = (torch.randn(1, 2, 8, 4, generator=g).requires_grad_()
+                           for _ in range(3))
+                a = pair_attention_cpu(q, k, v, 2, 0.5)
+                b = pair_attention_sdpa(q, k, v, 2, 0.5)
+                ga = torch.autograd.grad(a.sum(), (q, k, v))
+                gb = torch.autograd.grad(b.sum(), (q, k, v))
+                ok = all(torch.allclose(x, y, atol=1e-5) for x, y in zip((a, *ga), (b, *gb)))
+            except (RuntimeError, TypeError):
+                ok = False
+        _PROBE["ok"] = ok
+    return _PROBE["ok"]
 
 
 # ---- the public-SDPA path ------------------------------------------------------------------
