@@ -108,11 +108,6 @@ class AttentionBase(nn.Module):
         self.dropout = cfg.dropout
 
     # ---- shapes -------------------------------------------------------------------------
-    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
-        """``(B, T, D) -> (B, H, T, d)``, a view whose memory stays ``(B, T, H, d)``."""
-        B, T, _ = t.shape
-        return t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-
     @staticmethod
     def merge_heads(t: torch.Tensor) -> torch.Tensor:
         """``(B, H, T, d) -> (B, T, D)``; free when ``t``'s memory is ``(B, T, H, d)`` (what
@@ -135,6 +130,7 @@ class AttentionBase(nn.Module):
 
     # ---- projections --------------------------------------------------------------------
     def _heads(self, proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """``proj(x)`` for ``x`` ``(B, T, D)`` as ``(B, T, H, d)`` (contiguous)."""
         B, T, _ = x.shape
         return proj(x).view(B, T, self.n_heads, self.head_dim)
 
