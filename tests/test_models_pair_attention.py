@@ -97,3 +97,26 @@ def test_length_not_a_multiple_of_segment_len_is_refused():
     q, k, v, _ = _inputs(1, 1, 2, 4, 4, False, False)
     with pytest.raises(ValueError, match="not a multiple of segment_len 3"):
         pa.pair_attention(q, k, v, 3, 0.5)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "autocast_bf16", "float64_default"])
+def test_kernel_probe_is_independent_of_the_first_callers_mode(monkeypatch, mode):
+    """The one-time probe once ran under the first caller's no_grad (a generation or eval
+    call), failed there, and switched the fast path off for the whole process."""
+    import contextlib
+
+    monkeypatch.setattr(pa, "_PROBE", {})
+    ctx = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode(),
+           "autocast_bf16": torch.autocast("cpu", dtype=torch.bfloat16),
+           "float64_default": contextlib.nullcontext()}[mode]
+    if mode == "float64_default":
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+    try:
+        with ctx:
+            q, k, v, _ = _inputs(1, 2, 3, 4, 8, False, False)
+            assert pa._cpu_kernel_applies(q.detach(), k.detach(), v.detach(), 0.0)
+    finally:
+        if mode == "float64_default":
+            torch.set_default_dtype(old)
+    assert pa._PROBE == {"ok": True}

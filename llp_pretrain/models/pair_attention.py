@@ -17,6 +17,7 @@ Two implementations with identical results:
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -68,19 +69,30 @@ def _cpu_kernel_works() -> bool:
     if "ok" not in _PROBE:
         ok = _FLASH_CPU is not None and _FLASH_CPU_BWD is not None
         if ok:
+            # independent of the caller's modes: the first LLP call may come under no_grad,
+            # inference_mode or autocast, or with another default dtype/device
             try:
-                g = torch.Generator().manual_seed(0)
-                q, k, v = (torch.randn(1, 2, 8, 4, generator=g).requires_grad_()
-                           for _ in range(3))
-                a = pair_attention_cpu(q, k, v, 2, 0.5)
-                b = pair_attention_sdpa(q, k, v, 2, 0.5)
-                ga = torch.autograd.grad(a.sum(), (q, k, v))
-                gb = torch.autograd.grad(b.sum(), (q, k, v))
-                ok = all(torch.allclose(x, y, atol=1e-5) for x, y in zip((a, *ga), (b, *gb)))
-            except (RuntimeError, TypeError):
+                with torch.inference_mode(False), torch.enable_grad(), \
+                        torch.autocast("cpu", enabled=False):
+                    ok = _probe()
+            except (RuntimeError, TypeError) as e:
+                warnings.warn(f"LLP pair attention: torch {torch.__version__}'s CPU flash "
+                              f"kernel does not take strided windows ({e}); using the "
+                              "slower public-SDPA path", RuntimeWarning)
                 ok = False
         _PROBE["ok"] = ok
     return _PROBE["ok"]
+
+
+def _probe() -> bool:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 4, generator=g, dtype=torch.float32, device="cpu")
+               .requires_grad_() for _ in range(3))
+    a = pair_attention_cpu(q, k, v, 2, 0.5)
+    b = pair_attention_sdpa(q, k, v, 2, 0.5)
+    ga = torch.autograd.grad(a.sum(), (q, k, v))
+    gb = torch.autograd.grad(b.sum(), (q, k, v))
+    return all(torch.allclose(x, y, atol=1e-5) for x, y in zip((a, *ga), (b, *gb)))
 
 
 # ---- the public-SDPA path ------------------------------------------------------------------
