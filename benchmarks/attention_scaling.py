@@ -187,15 +187,47 @@ def child(spec: dict) -> dict:
         spec["kind"]](spec)
 
 
+def check_args(args) -> list:
+    """Every problem with the command line, before any measurement starts."""
+    bad = []
+    for name in ("repeats", "decode_steps"):
+        if getattr(args, name) < 1:
+            bad.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.memory_repeats < 0:
+        bad.append(f"--memory-repeats must be >= 0, got {args.memory_repeats}")
+    if any(P < 1 for P in args.decode_prompts):
+        bad.append(f"--decode-prompts must be positive, got {args.decode_prompts}")
+    try:
+        from llp_pretrain.models import ModelConfig
+    except ImportError as e:
+        return bad + [f"cannot import llp_pretrain ({e}); pip install -e . first"]
+    for N in args.lengths:
+        for v in args.variants:
+            try:
+                ModelConfig(**model_fields(v, N, args))
+            except ValueError as e:  # pydantic's ValidationError is a ValueError
+                errs = getattr(e, "errors", lambda: [{"msg": str(e)}])()
+                msg = "; ".join(err.get("msg", "") for err in errs)
+                bad.append(f"variant {v} at N={N} (--lengths/--segment-len/--d-model/"
+                           f"--n-heads): {msg}")
+    return bad
+
+
 def run_child(spec: dict, timeout: float) -> dict:
     cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
-    if res.returncode != 0:
-        return {"error": res.stderr.strip().splitlines()[-1] if res.stderr else "failed"}
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    lines = res.stdout.strip().splitlines()
+    try:
+        out = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        out = None
+    if isinstance(out, dict) and (res.returncode == 0 or "error" in out):
+        return out
+    err = res.stderr.strip().splitlines()
+    return {"error": f"child exited {res.returncode}: {err[-1] if err else 'no output'}"}
 
 
 def main(argv=None) -> int:
@@ -227,8 +259,17 @@ def main(argv=None) -> int:
                                          "attention_scaling.json"))
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+        try:
+            print(json.dumps(child(json.loads(args.child))))
+        except Exception as e:  # reported per row by the parent; the message must survive
+            print(json.dumps({"error": f"{type(e).__name__}: {' '.join(str(e).split())}"}))
+            return 1
         return 0
+    bad = check_args(args)
+    if bad:
+        for msg in bad:
+            print(f"attention_scaling.py: error: {msg}", file=sys.stderr)
+        return 2
 
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                            "device": args.device, "python": platform.python_version()},
@@ -314,6 +355,11 @@ def ratios(results: dict) -> dict:
     if ("llp", 16384) in step and ("llp", 2048) in step:
         x = step[("llp", 16384)]["step_s"] / step[("llp", 2048)]["step_s"]
         t["llp_16k_over_llp_2k"] = {"value": x, "target": 9.0, "met": x <= 9.0}
+    missing = []
+    if "llp_16k_over_gpt_16k" not in t:
+        missing.append("llp_16k_over_gpt_16k needs gpt and llp at N=16384")
+    if "llp_16k_over_llp_2k" not in t:
+        missing.append("llp_16k_over_llp_2k needs llp at N=2048 and N=16384")
     for r in results["decode"]:
         ms = r.get("decode_ms", {})
         if r["variant"] == "llp" and "1024" in ms and "16384" in ms:
@@ -322,6 +368,10 @@ def ratios(results: dict) -> dict:
             x = statistics.median(per_pair)
             t["llp_decode_16k_over_1k"] = {"value": x, "target": 1.2, "met": x <= 1.2,
                                            "ratio_of_medians": ms["16384"] / ms["1024"]}
+    if "llp_decode_16k_over_1k" not in t:
+        missing.append("llp_decode_16k_over_1k needs llp decode after 1024 and 16384 tokens")
+    if missing:
+        out["targets_not_measured"] = missing
     return out
 
 

@@ -119,13 +119,7 @@ class AttentionBase(nn.Module):
         """Rotate ``t`` ``(B, T, H, d)`` at ``positions`` ``(T,)`` (no-op without RoPE here)."""
         if not self.use_rope:
             return t
-        # queries and keys of one forward pass the same ``positions`` object: compute once
-        cached = getattr(self, "_rope_cache", None)
-        if cached is not None and cached[0] is positions and cached[1].device == t.device:
-            rot = cached[1]
-        else:
-            rot = rope_rotations(self.inv_freq, positions).to(t.device).unsqueeze(1)
-            self._rope_cache = (positions, rot)
+        rot = rope_rotations(self.inv_freq, positions).to(t.device).unsqueeze(1)
         return apply_rope(t, rot)
 
     # ---- projections --------------------------------------------------------------------

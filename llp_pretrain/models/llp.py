@@ -45,8 +45,6 @@ class LLPAttention(AttentionBase):
             )
         if ctx.cache is not None:
             ctx.cache.store(self.layer, k, v, ctx.n_tokens)
-        if halo is not None and halo[1] is None:
-            halo = (halo[0], halo[0])
         p = self.dropout if self.training else 0.0
         o = pair_attention(q, k, v, L, self.head_dim ** -0.5, halo=halo, dropout_p=p)
         m = self.merge_heads(o)

@@ -4,7 +4,8 @@ arXiv:2412.06106 (LLP): with segments of ``L`` tokens, queries of segment ``s >=
 ``L`` keys of segment ``s - 1`` and the causal part of segment ``s``, i.e. the fixed ``(L, 2L)``
 mask of ``pair_mask``; segment 0 (without a sequence-parallel halo) is causal within itself.
 
-Two implementations with identical results:
+Two implementations; they agree up to float rounding (fp32 tests: forward identical,
+gradients within ~1e-6; both are checked against a float64 dense reference):
 
 - ``pair_attention_sdpa``: the public ``scaled_dot_product_attention`` on ``(B, H * S, L, 2L)``
   problems. The previous and own keys are concatenated, so keys and values are copied twice.
@@ -12,11 +13,14 @@ Two implementations with identical results:
 - ``pair_attention_cpu``: the same SDPA CPU flash kernel called directly on *overlapping
   strided windows* of the keys and values (window ``i`` covers segments ``i, i + 1`` of the
   unchanged ``(B, T, H, d)`` memory), with its own backward that folds each window's key/value
-  gradient back onto the two segments it covers. No key/value copies, no N x N matrix.
-  Used on CPU in fp32/bf16 without dropout (``pair_attention`` picks it).
+  gradient back onto the two segments it covers. No key/value copies without a halo (with
+  one, each batch element's halo and keys are concatenated once), no N x N matrix.
+  ``pair_attention`` picks it on CPU in fp32 without dropout (it also runs bf16, but there
+  it was not faster than the public path on the benchmark machine, see ``docs/models.md``).
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Optional, Tuple
 
@@ -43,62 +47,109 @@ def pair_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_le
     ``halo``: ``(k_prev, v_prev)`` ``(B, H, L, d)`` of the segment before this chunk (sequence
     parallelism); then segment 0 pairs with it like any other segment. ``v`` may be ``k``
     (shared keys/values). Picks ``pair_attention_cpu`` where it applies, else the SDPA path.
-    Raises ``ValueError`` when ``T`` is not a multiple of ``segment_len``.
+    ``v_prev`` may be None (shared keys/values: the halo keys are the values).
+    Raises ``ValueError`` on shapes that break this contract (see ``check_inputs``).
     """
-    if q.shape[2] % segment_len != 0:
-        raise ValueError(
-            f"LLP attention length {q.shape[2]} is not a multiple of segment_len {segment_len}")
+    halo = check_inputs(q, k, v, segment_len, halo)
     if _cpu_kernel_applies(q, k, v, dropout_p):
         return pair_attention_cpu(q, k, v, segment_len, scale, halo)
     return pair_attention_sdpa(q, k, v, segment_len, scale, halo, dropout_p)
 
 
+def check_inputs(q, k, v, segment_len: int, halo=None):
+    """Validate ``pair_attention``'s arguments; returns the halo with ``v_prev`` filled in.
+
+    Raises ``ValueError`` unless ``q, k, v`` are ``(B, H, T, d)`` of one shape with
+    ``T >= 1`` a multiple of ``segment_len >= 1``, and the halo (if any) is two
+    ``(B, H, segment_len, d)`` tensors.
+    """
+    if not isinstance(segment_len, int) or segment_len < 1:
+        raise ValueError(f"segment_len must be a positive int, got {segment_len!r}")
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"q, k, v must all be (B, H, T, d) of one shape, got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}")
+    T = q.shape[2]
+    if T < 1 or T % segment_len != 0:
+        raise ValueError(
+            f"LLP attention length {T} is not a positive multiple of segment_len {segment_len}")
+    if halo is None:
+        return None
+    k_prev, v_prev = halo
+    if v_prev is None:
+        v_prev = k_prev
+    want = (q.shape[0], q.shape[1], segment_len, q.shape[3])
+    if tuple(k_prev.shape) != want or tuple(v_prev.shape) != want:
+        raise ValueError(
+            f"halo keys/values must be (B, H, segment_len, d) = {want}, got "
+            f"{tuple(k_prev.shape)} and {tuple(v_prev.shape)}")
+    return k_prev, v_prev
+
+
 def _cpu_kernel_applies(q, k, v, dropout_p: float) -> bool:
-    return (dropout_p == 0.0 and q.device.type == "cpu"
-            and q.dtype in (torch.float32, torch.bfloat16)
+    # fp32 only: in bf16 (autocast) the kernel path measured 1.00-1.04x the public path's
+    # LLP step time at N = 4k-16k, against 0.92-0.95x in fp32 (docs/models.md)
+    return (dropout_p == 0.0 and q.device.type == "cpu" and q.dtype == torch.float32
             and k.dtype == q.dtype and v.dtype == q.dtype and _cpu_kernel_works())
 
 
 _PROBE: dict = {}
+_PROBE_LOCK = threading.Lock()
 
 
 def _cpu_kernel_works() -> bool:
     """Whether this torch's CPU flash kernel takes what ``pair_attention_cpu`` passes it (a
-    float mask, strided overlapping inputs) and agrees with the SDPA path; checked once on a
-    tiny problem, so a torch whose private kernel signature differs falls back cleanly."""
+    float mask, overlapping strided windows, strided gradients) and reads them as it would
+    read contiguous copies; checked once per process on a tiny problem, so a torch whose
+    private kernel differs falls back to the public path (with a warning).
+
+    The check calls the kernel's forward and backward directly, without autograd: it runs
+    inside the first LLP forward, which may be under ``no_grad``, ``inference_mode``,
+    autocast or an activation-checkpointing region that counts every saved tensor.
+    """
     if "ok" not in _PROBE:
-        ok = _FLASH_CPU is not None and _FLASH_CPU_BWD is not None
-        if ok:
-            # independent of the caller's modes: the first LLP call may come under no_grad,
-            # inference_mode or autocast, or with another default dtype/device
-            try:
-                with torch.inference_mode(False), torch.enable_grad(), \
-                        torch.autocast("cpu", enabled=False):
-                    ok = _probe()
-            except (RuntimeError, TypeError) as e:
-                warnings.warn(f"LLP pair attention: torch {torch.__version__}'s CPU flash "
-                              f"kernel does not take strided windows ({e}); using the "
-                              "slower public-SDPA path", RuntimeWarning)
-                ok = False
-        _PROBE["ok"] = ok
+        with _PROBE_LOCK:
+            if "ok" not in _PROBE:
+                ok = _FLASH_CPU is not None and _FLASH_CPU_BWD is not None
+                if ok:
+                    try:
+                        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+                            ok = _probe()
+                    except Exception as e:  # any failure means: do not use this kernel
+                        warnings.warn(
+                            f"LLP pair attention: torch {torch.__version__}'s CPU flash kernel "
+                            f"does not take strided windows ({type(e).__name__}: {e}); using "
+                            "the slower public-SDPA path", RuntimeWarning)
+                        ok = False
+                _PROBE["ok"] = ok
     return _PROBE["ok"]
 
 
 def _probe() -> bool:
+    """Windowed kernel calls (forward, backward) against the same calls on contiguous
+    copies; True when they agree."""
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 8, 4, generator=g, dtype=torch.float32, device="cpu")
-               .requires_grad_() for _ in range(3))
-    a = pair_attention_cpu(q, k, v, 2, 0.5)
-    b = pair_attention_sdpa(q, k, v, 2, 0.5)
-    ga = torch.autograd.grad(a.sum(), (q, k, v))
-    gb = torch.autograd.grad(b.sum(), (q, k, v))
-    return all(torch.allclose(x, y, atol=1e-5) for x, y in zip((a, *ga), (b, *gb)))
+    L, n, H, d = 2, 3, 2, 4
+    q, k, v = (torch.randn((n + 1) * L, H, d, generator=g, dtype=torch.float32)
+               for _ in range(3))
+    f, r, kr = _query_parts(L)[0]
+    mask = _part_mask(L, f, r, kr, torch.float32)
+    windowed = (_rows(q, n, L + f, r, L), _rows(k, n, 0, kr, L), _rows(v, n, 0, kr, L))
+    dense = tuple(t.contiguous() for t in windowed)
+    results = []
+    for qq, kk, vv in (windowed, dense):
+        o, lse = _FLASH_CPU(qq, kk, vv, 0.0, False, attn_mask=mask, scale=0.5)
+        go = torch.ones_like(o).transpose(1, 2).contiguous().transpose(1, 2)  # strided grad
+        grads = _FLASH_CPU_BWD(go, qq, kk, vv, o, lse, 0.0, False, attn_mask=mask, scale=0.5)
+        results.append((o, *grads))
+    return all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*results))
 
 
 # ---- the public-SDPA path ------------------------------------------------------------------
 def pair_attention_sdpa(q, k, v, segment_len: int, scale: float, halo=None,
                         dropout_p: float = 0.0) -> torch.Tensor:
     """``pair_attention`` with ``F.scaled_dot_product_attention`` on concatenated pairs."""
+    halo = check_inputs(q, k, v, segment_len, halo)
     B, H, T, d = q.shape
     L = segment_len
     S = T // L
@@ -270,9 +321,8 @@ def pair_attention_cpu(q, k, v, segment_len: int, scale: float, halo=None) -> to
     Shapes as ``pair_attention``; returns a ``(B, H, T, d)`` view of ``(B, T, H, d)`` memory.
     No dropout. With shared keys/values (``v is k``) autograd adds the two gradients.
     """
+    halo = check_inputs(q, k, v, segment_len, halo)
     k_prev, v_prev = (None, None) if halo is None else halo
-    if k_prev is not None and v_prev is None:
-        v_prev = k_prev
     out = _PairAttentionCPU.apply(
         _bthd(q), _bthd(k), _bthd(v),
         None if k_prev is None else _bthd(k_prev), None if v_prev is None else _bthd(v_prev),
