@@ -165,3 +165,20 @@ def test_first_llp_call_inside_activation_checkpointing_trains(monkeypatch):
     loss.backward()
     assert pa._PROBE == {"ok": True}
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_a_kernel_that_misreads_windows_falls_back_with_a_warning(monkeypatch):
+    """A torch whose private kernel copies or misreads strided inputs must not be used."""
+    real = pa._FLASH_CPU
+
+    def misreading(q, k, v, *a, **kw):  # gets strided keys wrong, contiguous ones right
+        return real(q, k if k.is_contiguous() else k.flip(2), v, *a, **kw)
+
+    monkeypatch.setattr(pa, "_PROBE", {})
+    monkeypatch.setattr(pa, "_FLASH_CPU", misreading)
+    q, k, v, _ = _inputs(1, 2, 3, 4, 8, False, False)
+    with pytest.warns(RuntimeWarning, match="public-SDPA path"):
+        assert not pa._cpu_kernel_applies(q, k, v, 0.0)
+    out = pa.pair_attention(q, k, v, 4, 8 ** -0.5)
+    torch.testing.assert_close(out.double(), _dense_reference(q, k, v, 4, None),
+                               atol=2e-6, rtol=1e-5)

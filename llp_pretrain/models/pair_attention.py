@@ -112,15 +112,17 @@ def _cpu_kernel_works() -> bool:
             if "ok" not in _PROBE:
                 ok = _FLASH_CPU is not None and _FLASH_CPU_BWD is not None
                 if ok:
+                    why = "it reads strided windows differently from contiguous copies"
                     try:
                         with torch.no_grad(), torch.autocast("cpu", enabled=False):
                             ok = _probe()
                     except Exception as e:  # any failure means: do not use this kernel
+                        why, ok = f"{type(e).__name__}: {e}", False
+                    if not ok:
                         warnings.warn(
                             f"LLP pair attention: torch {torch.__version__}'s CPU flash kernel "
-                            f"does not take strided windows ({type(e).__name__}: {e}); using "
-                            "the slower public-SDPA path", RuntimeWarning)
-                        ok = False
+                            f"cannot run the strided-window path ({why}); using the slower "
+                            "public-SDPA path", RuntimeWarning)
                 _PROBE["ok"] = ok
     return _PROBE["ok"]
 
