@@ -78,7 +78,7 @@ def _setup(spec: dict):
     return torch, torch.device(spec["device"])
 
 
-def spec_dtype(dev, dtype: str):
+def _precision(dev, dtype: str):
     """The compute-precision context: fp32 as is, or bf16 autocast (fp32 weights, bf16
     matmuls and attention, as mixed-precision training runs them)."""
     import contextlib
@@ -97,7 +97,7 @@ def _step_fn(torch, dev, model, batch: int, dtype: str = "fp32"):
     cfg = model.cfg
     tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), device=dev)
 
-    amp = spec_dtype(dev, dtype)
+    amp = _precision(dev, dtype)
 
     def step() -> float:
         t0 = time.perf_counter()
@@ -164,7 +164,7 @@ def child_decode(spec: dict) -> dict:
     V, n = model.cfg.vocab_size, spec["decode_steps"]
     prompts = spec["prompt_lens"]
     states, ids = {}, {}
-    with torch.no_grad(), spec_dtype(dev, spec.get("dtype", "fp32")):
+    with torch.no_grad(), _precision(dev, spec.get("dtype", "fp32")):
         for P in prompts:
             ids[P] = torch.randint(0, V, (1, P + n), device=dev)
             states[P] = prefill(model, ids[P][:, :P])[1]
@@ -206,7 +206,7 @@ def check_args(args) -> list:
             try:
                 ModelConfig(**model_fields(v, N, args))
             except ValueError as e:  # pydantic's ValidationError is a ValueError
-                errs = getattr(e, "errors", lambda: [{"msg": str(e)}])()
+                errs = e.errors() if hasattr(e, "errors") else [{"msg": str(e)}]
                 msg = "; ".join(err.get("msg", "") for err in errs)
                 bad.append(f"variant {v} at N={N} (--lengths/--segment-len/--d-model/"
                            f"--n-heads): {msg}")

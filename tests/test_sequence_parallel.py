@@ -65,11 +65,7 @@ def _model_worker(rank, world, configs, batch):
             loss=loss_sum.item(), ref_loss=ref_sum.item(), n_tok=n_tok, ref_n=ref_n,
             grad_err=grad_err,
             grad_scale=max(t.abs().max().item() for t in ref_grads.values()),
-            fwd_send=counter.totals("forward", "send"),
-            fwd_recv=counter.totals("forward", "recv"),
-            bwd_send=counter.totals("backward", "send"),
-            bwd_recv=counter.totals("backward", "recv"),
-            fwd_send_bytes=counter.totals("forward", "send", "nbytes"),
+            **counter.summary(),
         ))
     return out
 

@@ -208,11 +208,7 @@ def _sp_step(rank, world, groups, case, weights, x, c, ref_out, ref_xgrad, ref_g
         xgrad_err=(xl.grad - ref_xgrad[:, sl]).abs().max().item(),
         grad_err={k: (grads[k] - ref_grads[k]).abs().max().item() for k in grads},
         grad_scale=max(g.abs().max().item() for g in ref_grads.values()),
-        fwd_send=counter.totals("forward", "send"),
-        fwd_recv=counter.totals("forward", "recv"),
-        bwd_send=counter.totals("backward", "send"),
-        bwd_recv=counter.totals("backward", "recv"),
-        fwd_send_bytes=counter.totals("forward", "send", "nbytes"),
+        **counter.summary(),
         calls=sp.calls,
     ), weakref.ref(sp)
 

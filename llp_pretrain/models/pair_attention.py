@@ -48,9 +48,9 @@ def pair_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_le
     parallelism); then segment 0 pairs with it like any other segment. ``v`` may be ``k``
     (shared keys/values). Picks ``pair_attention_cpu`` where it applies, else the SDPA path.
     ``v_prev`` may be None (shared keys/values: the halo keys are the values).
-    Raises ``ValueError`` on shapes that break this contract (see ``check_inputs``).
+    Raises ``ValueError`` on shapes that break this contract (see ``check_inputs``, which
+    the chosen path runs).
     """
-    halo = check_inputs(q, k, v, segment_len, halo)
     if _cpu_kernel_applies(q, k, v, dropout_p):
         return pair_attention_cpu(q, k, v, segment_len, scale, halo)
     return pair_attention_sdpa(q, k, v, segment_len, scale, halo, dropout_p)
@@ -88,7 +88,7 @@ def check_inputs(q, k, v, segment_len: int, halo=None):
 
 def _cpu_kernel_applies(q, k, v, dropout_p: float) -> bool:
     # fp32 only: in bf16 (autocast) the kernel path measured 1.00-1.04x the public path's
-    # LLP step time at N = 4k-16k, against 0.92-0.95x in fp32 (docs/models.md)
+    # LLP step time (N = 4k, 16k), against 0.92-0.95x in fp32 (N = 2k, 16k; docs/models.md)
     return (dropout_p == 0.0 and q.device.type == "cpu" and q.dtype == torch.float32
             and k.dtype == q.dtype and v.dtype == q.dtype and _cpu_kernel_works())
 

@@ -99,6 +99,16 @@ class CommCounter:
                 out[r.call] = out.get(r.call, 0) + getattr(r, unit)
         return out
 
+    def summary(self) -> dict:
+        """Per-call element counts sent/received forward and backward, and bytes sent forward:
+        ``{"fwd_send", "fwd_recv", "bwd_send", "bwd_recv", "fwd_send_bytes"}``, each as
+        :meth:`totals` returns it."""
+        return dict(fwd_send=self.totals("forward", "send"),
+                    fwd_recv=self.totals("forward", "recv"),
+                    bwd_send=self.totals("backward", "send"),
+                    bwd_recv=self.totals("backward", "recv"),
+                    fwd_send_bytes=self.totals("forward", "send", "nbytes"))
+
 
 def _batch(counter: Optional[CommCounter], ops, call: int, phase: str):
     if not ops:
