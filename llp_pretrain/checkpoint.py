@@ -2,11 +2,18 @@
 
 ``RUN/checkpoints/`` holds one DeepSpeed tag directory per save, ``stepNNNNNNNN/``, written by
 ``engine.save_checkpoint`` on every rank with the same tag. Next to DeepSpeed's files each tag holds
-``rng_rankNNNNN.pt`` (python/numpy/torch RNG states of that rank), ``config.resolved.yaml``,
+``rng_rankNNNNN.safetensors`` (python/numpy/torch RNG states of that rank, as tensors and JSON:
+nothing that can carry code), ``config.resolved.yaml``,
 ``ds_config.json`` and, written last by rank 0 after a barrier, ``run_meta.json`` (step, layout,
 data position, hashes). The ``latest`` file names the newest tag whose ``run_meta.json`` exists and is
 replaced atomically (temporary name, then rename) only after every rank finished saving, so an
 interrupted save never becomes the latest. Only the newest ``keep`` complete tags are kept.
+
+Trust boundary: DeepSpeed stores model and optimizer states with ``torch.save`` (pickle). Every
+``torch.load`` that reads a checkpoint, ours and DeepSpeed's, runs inside :func:`weights_only_loads`:
+torch's weights-only unpickler with an explicit allow-list of the three DeepSpeed classes its files
+hold, so a planted pickle is refused instead of run. :func:`check_loadable` scans a tag's pickle
+files first and names any file that holds other Python objects.
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import json
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -33,6 +41,10 @@ __all__ = [
     "load_rank_rng",
     "finalize_save",
     "read_meta",
+    "UntrustedCheckpointError",
+    "weights_only_loads",
+    "check_loadable",
+    "safe_torch_load",
 ]
 
 LATEST = "latest"
@@ -126,21 +138,121 @@ def set_rng_state(st: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(st["cuda"])
 
 
+def _rng_path(tag_dir: Path, rank: int) -> Path:
+    return Path(tag_dir) / f"rng_rank{rank:05d}.safetensors"
+
+
 def save_rank_rng(tag_dir: Path, rank: int) -> None:
-    """Save this rank's RNG states into ``tag_dir/rng_rankNNNNN.pt`` (temporary name, then rename)."""
-    path = tag_dir / f"rng_rank{rank:05d}.pt"
+    """Save this rank's RNG states into ``tag_dir/rng_rankNNNNN.safetensors`` (temporary name, then
+    rename): torch states as uint8 tensors, the numpy key as an int64 tensor, the rest as JSON metadata."""
+    from safetensors.torch import save_file
+
+    st = rng_state()
+    name, key, pos, has_gauss, gauss = st["numpy"]
+    version, internal, py_gauss = st["python"]
+    tensors = {"torch": st["torch"], "numpy_key": torch.from_numpy(np.asarray(key, dtype=np.int64))}
+    if "cuda" in st:
+        tensors["cuda"] = st["cuda"]
+    meta = {"python": json.dumps([version, list(internal), py_gauss]),
+            "numpy": json.dumps([name, int(pos), int(has_gauss), float(gauss)])}
+    path = _rng_path(tag_dir, rank)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(rng_state(), tmp)
+    save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
 
 
 def load_rank_rng(tag_dir: Path, rank: int) -> bool:
-    """Restore this rank's RNG states from ``tag_dir``; False if the file is absent."""
-    path = tag_dir / f"rng_rank{rank:05d}.pt"
+    """Restore this rank's RNG states from ``tag_dir``; False if the file is absent.
+
+    Raises ``ValueError`` naming the file when it is not a valid RNG-state file (no code is run: it is
+    read with safetensors and JSON), or when only a pickled ``rng_rankNNNNN.pt`` of an older version exists."""
+    from safetensors import safe_open
+
+    path = _rng_path(tag_dir, rank)
     if not path.is_file():
+        legacy = Path(tag_dir) / f"rng_rank{rank:05d}.pt"
+        if legacy.is_file():
+            raise ValueError(f"{legacy}: RNG state pickled by an older llp-pretrain; it is not loaded (a pickle can "
+                             "run code). Continue from the weights instead: `llp-pretrain export` this checkpoint "
+                             "and start a new run with --set train.init_from=EXPORT_DIR")
         return False
-    set_rng_state(torch.load(path, weights_only=False))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        version, internal, py_gauss = json.loads(meta["python"])
+        name, pos, has_gauss, gauss = json.loads(meta["numpy"])
+        st = {"python": (int(version), tuple(int(x) for x in internal), py_gauss),
+              "numpy": (str(name), tensors["numpy_key"].numpy().astype(np.uint32), int(pos), int(has_gauss),
+                        float(gauss)),
+              "torch": tensors["torch"].to(torch.uint8)}
+        if "cuda" in tensors:
+            st["cuda"] = tensors["cuda"].to(torch.uint8)
+        set_rng_state(st)
+    except Exception as e:  # any malformed content: one line naming the file
+        raise ValueError(f"{path}: not a valid RNG-state file ({type(e).__name__}: {e}); restore it from a copy "
+                         "or resume from an earlier checkpoint") from None
     return True
+
+
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint file holds Python objects outside the allow-list (it could run code when loaded)."""
+
+
+def _deepspeed_safe_globals() -> List[Any]:
+    """The classes DeepSpeed's own checkpoint files hold (ZeRO 0-3, fp32/bf16): plain data holders."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def weights_only_loads():
+    """Within the block every ``torch.load`` (including DeepSpeed's, which pass ``weights_only=False``)
+    uses torch's weights-only unpickler (``TORCH_FORCE_WEIGHTS_ONLY_LOAD``) with DeepSpeed's data
+    classes allowed: loading cannot run code. Restores the environment afterwards."""
+    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
+
+
+def _check_file(f: Path) -> None:
+    allowed = {f"{c.__module__}.{c.__qualname__}" for c in _deepspeed_safe_globals()}
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
+    except Exception as e:
+        raise UntrustedCheckpointError(f"{f}: not a checkpoint file written by torch.save ({type(e).__name__}: {e}); "
+                                       "it is not loaded. Resume from an earlier checkpoint") from None
+    bad = sorted(set(found) - allowed)
+    if bad:
+        raise UntrustedCheckpointError(
+            f"{f}: refused to load: it holds Python objects ({', '.join(bad[:5])}) that could run code. Resume only "
+            "from checkpoints you wrote yourself; share models with `llp-pretrain export` (safetensors)")
+
+
+def check_loadable(tag_dir: Path) -> None:
+    """Scan every ``*.pt`` file of a checkpoint tag (reading the pickle opcodes, never running them)
+    and raise :class:`UntrustedCheckpointError` naming the first file that holds a Python global
+    outside DeepSpeed's allow-list, or that is not a readable torch file."""
+    for f in sorted(Path(tag_dir).glob("*.pt")):
+        _check_file(f)
+
+
+def safe_torch_load(path: Path, map_location: str = "cpu") -> Any:
+    """``torch.load`` of one checkpoint file, scanned first and then read with the weights-only
+    unpickler (:func:`weights_only_loads`). Raises :class:`UntrustedCheckpointError` naming the file."""
+    _check_file(Path(path))
+    with weights_only_loads():
+        return torch.load(Path(path), map_location=map_location, weights_only=True)
 
 
 def finalize_save(ckpt_dir: Path, tag: str, meta: Dict[str, Any], keep: int) -> None:

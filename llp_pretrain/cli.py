@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-3 (repeatable)")
     p.add_argument("--resume", default=None, help="'auto' (latest checkpoint of the run, if any) or a checkpoint path")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run directory that holds checkpoints (deletes its checkpoints/ and "
+                        "tensorboard/); without it such a directory needs --resume")
     p.add_argument("--local_rank", "--local-rank", dest="local_rank_sub", type=int, default=None,
                    help=argparse.SUPPRESS)  # deepspeed launcher, when given after the sub-command
 
@@ -73,7 +76,7 @@ def _cmd_train(args) -> int:
     from llp_pretrain.engine import train
 
     cfg = load_config(args.config, args.overrides)
-    res = train(cfg, resume=args.resume)
+    res = train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0 if res.stopped_by in ("max_steps", "signal", "time_limit") else 1
 
 

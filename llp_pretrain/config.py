@@ -102,6 +102,9 @@ class TrainConfig(_Strict):
     sample_tokens: int = Field(48, ge=0, description="tokens generated for the TensorBoard text sample at each eval")
     time_limit_minutes: Optional[float] = Field(None, gt=0, description="save and stop after this wall time")
     init_from: Optional[str] = Field(None, description="exported weights dir (`llp-pretrain export`) to start from")
+    allow_data_change: bool = Field(
+        False, description="on resume, accept a dataset whose manifest differs from the checkpoint's (curricula): "
+        "logged, and the new data is read from its beginning")
 
 
 class ParallelConfig(_Strict):

@@ -37,9 +37,11 @@ from llp_pretrain.config import RunConfig, dump_yaml, resolve_tokenizer, resolve
 from llp_pretrain.data import DataLayoutError, TrainStream, make_train_loader, read_split_stream
 from llp_pretrain.evaluate import bytes_per_token, score_windows, summarize, window_plan
 from llp_pretrain.monitor import Monitor, format_eta, measure_peak_flops, memory_gb
+from llp_pretrain.run_identity import check_resume_identity, clear_run, run_hashes, start_point
+from llp_pretrain.schedule import lr_at, resumed_schedule, schedule_meta
 
 __all__ = ["DistInfo", "setup_distributed", "lr_at", "compute_loss", "SequenceParallelContext",
-           "build_parallel_context", "train", "TrainResult", "file_sha256"]
+           "build_parallel_context", "train", "TrainResult"]
 
 #: Test hook: after this many optimizer steps the process stops making progress (sleeps) so a
 #: test can SIGKILL or SIGTERM it at a known point. Never set in normal use.
@@ -101,16 +103,6 @@ def setup_distributed(sequence_parallel_size: int = 1) -> DistInfo:
     return DistInfo(rank, world, local_rank, rank // sp, world // sp, rank % sp, sp, device)
 
 
-def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup from ``lr/warmup_steps`` to
-    ``lr`` over ``warmup_steps`` steps, then cosine decay to ``min_lr`` at ``max_steps``."""
-    if warmup_steps and step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    span = max(1, max_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
 class SequenceParallelContext:
     """Plug point for ``llp_pretrain.parallel``: what the engine needs from sequence parallelism.
 
@@ -168,15 +160,6 @@ def compute_loss(model, tokens: torch.Tensor, sp: Optional[SequenceParallelConte
     loss_sum, n = lm_loss(model, sp.local_chunk(tokens), **kwargs)
     loss_sum, n = sp.reduce_loss(loss_sum, n)
     return loss_sum / n, loss_sum, n
-
-
-def file_sha256(path: Optional[Path]) -> Optional[str]:
-    """sha256 hex digest of a file (``data_prep``'s hash), or None if ``path`` is None/missing."""
-    from data_prep.tokenizer import file_sha256 as _sha256
-
-    if path is None or not Path(path).is_file():
-        return None
-    return _sha256(path)
 
 
 @dataclass
@@ -293,11 +276,16 @@ def _all_reduce(values, op="sum", device=None):
     return t.tolist()
 
 
-def train(cfg: RunConfig, resume: Optional[str] = None) -> TrainResult:
+def train(cfg: RunConfig, resume: Optional[str] = None, overwrite: bool = False) -> TrainResult:
     """Run (or resume) the training job ``cfg``; see the module docstring.
 
-    Raises ``ValueError`` for a layout mismatch on resume, ``FloatingPointError`` after
-    ``train.max_nonfinite_steps`` non-finite steps in a row."""
+    ``resume``: None (fresh start; refused when the run directory already holds checkpoints), ``"auto"``
+    or a checkpoint path. ``overwrite``: delete the run directory's checkpoints and TensorBoard events
+    first and start afresh.
+
+    Raises ``ValueError`` for a reused run directory, a layout, model or data mismatch on resume
+    (before anything is built), ``FloatingPointError`` after ``train.max_nonfinite_steps``
+    non-finite steps in a row."""
     import deepspeed
     import torch.distributed as dist
 
@@ -307,19 +295,36 @@ def train(cfg: RunConfig, resume: Optional[str] = None) -> TrainResult:
     t = cfg.train
     run_dir = Path(cfg.run.output_dir)
     ckpt_dir = run_dir / "checkpoints"
+    tokenizer_path = resolve_tokenizer(cfg.data, cfg.manifest)
+    hashes = run_hashes(cfg, tokenizer_path)
+    resolved = cfg.to_dict()
+    # every check that can refuse the start runs before anything is written or built
+    where = start_point(run_dir, resume, overwrite)
+    meta, data_start = None, 0
+    if where is not None:
+        meta = ckpt.read_meta(where[0] / where[1])
+        check_resume_layout(meta, cfg, d, str(where[0] / where[1]))
+        data_start = check_resume_identity(meta, resolved["model"], hashes, t.allow_data_change,
+                                           str(where[0] / where[1]))
+        ckpt.check_loadable(where[0] / where[1])
+    lr_fn, lr_anchor = resumed_schedule(t, meta, str(where[0] / where[1]) if where else "")
+    if where is not None:
+        if int(meta["step"]) >= t.max_steps:
+            if d.rank == 0:
+                print(f"[llp-pretrain] {where[0] / where[1]} is already at step {meta['step']} >= train.max_steps "
+                      f"{t.max_steps}: nothing to do", flush=True)
+            return TrainResult(step=int(meta["step"]), loss=None, stopped_by="max_steps",
+                               skipped_steps=int(meta.get("skipped_steps", 0)), val=None, run_dir=str(run_dir))
     if d.rank == 0:
+        if overwrite:
+            clear_run(run_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
 
-    tokenizer_path = resolve_tokenizer(cfg.data, cfg.manifest)
     if tokenizer_path is None and d.rank == 0:
         print(f"[llp-pretrain] warning: no tokenizer.model matching {cfg.data.path}/manifest.json found next to "
               f"the shards or where the manifest says; text samples are shown as ids and the run directory gets "
               f"no tokenizer (set data.tokenizer=PATH)", flush=True)
-    hashes = {"manifest_sha256": file_sha256(Path(cfg.data.path) / "manifest.json"),
-              "tokenizer_sha256": file_sha256(tokenizer_path),
-              "tokenizer_manifest_sha256": (cfg.manifest or {}).get("tokenizer", {}).get("sha256")}
-    resolved = cfg.to_dict()
     if d.rank == 0:
         dump_yaml(resolved, run_dir / "config.resolved.yaml")
         ckpt.write_json_atomic(run_dir / "ds_config.json", cfg.ds_config)
@@ -330,12 +335,6 @@ def train(cfg: RunConfig, resume: Optional[str] = None) -> TrainResult:
             shutil.copyfile(tokenizer_path, run_dir / ".tokenizer.model.tmp")
             os.replace(run_dir / ".tokenizer.model.tmp", run_dir / "tokenizer.model")
 
-    where = ckpt.resolve_resume(resume, ckpt_dir)
-    meta = None
-    if where is not None:
-        meta = ckpt.read_meta(where[0] / where[1])
-        check_resume_layout(meta, cfg, d, str(where[0] / where[1]))
-
     torch.manual_seed(t.seed)
     np.random.seed(t.seed % 2 ** 32)
     model = build_model(cfg.model)
@@ -343,7 +342,7 @@ def train(cfg: RunConfig, resume: Optional[str] = None) -> TrainResult:
     if init_from and where is None:
         from llp_pretrain.export import load_exported_weights
 
-        load_exported_weights(model, init_from)
+        load_exported_weights(model, init_from)  # ValueError naming mismatched tensors
     torch.manual_seed(t.seed + d.rank)  # dropout differs across ranks; restored exactly on resume
 
     n_params = model.num_params()
@@ -351,8 +350,7 @@ def train(cfg: RunConfig, resume: Optional[str] = None) -> TrainResult:
     flops_tok = model.flops_per_token(seq_len)
     sp = build_parallel_context(cfg, d)
     optimizer = _make_optimizer(model, cfg)
-    sched_fn = lambda s: lr_at(s, t.lr, t.min_lr, t.warmup_steps, t.max_steps) / t.lr  # noqa: E731
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, sched_fn)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_fn(s) / t.lr)
     model = sp.prepare_model(model, cfg.ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=cfg.ds_config, mpu=sp.mpu, dist_init_required=False)
@@ -360,26 +358,32 @@ def train(cfg: RunConfig, resume: Optional[str] = None) -> TrainResult:
 
     step, skipped_total = 0, 0
     if where is not None:
-        load_path, client = engine.load_checkpoint(str(where[0]), tag=where[1], load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+        with ckpt.weights_only_loads():  # DeepSpeed's torch.load calls cannot unpickle code
+            load_path, client = engine.load_checkpoint(str(where[0]), tag=where[1], load_optimizer_states=True,
+                                                       load_lr_scheduler_states=True)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {where[0] / where[1]}")
         step = int(meta["step"])
         skipped_total = int(meta.get("skipped_steps", 0))
-        ckpt.load_rank_rng(where[0] / where[1], d.rank)
         if d.rank == 0:
             print(f"[llp-pretrain] resumed from {where[0] / where[1]} at step {step}", flush=True)
 
     accum = t.grad_accum_steps
     stream = TrainStream(cfg.data.path, d.dp_size, d.dp_rank, cfg.data.num_workers, t.micro_batch_size, t.seed,
-                         cfg.data.shuffle_buffer, consumed_batches=step * accum, manifest=cfg.manifest)
+                         cfg.data.shuffle_buffer, consumed_batches=(step - data_start) * accum,
+                         manifest=cfg.manifest)
     prec = resolved_precision(t)
     # measured before the loader's workers start, so they do not compete with the measurement
     peak = t.peak_flops or measure_peak_flops(d.device, torch.bfloat16 if prec == "bf16" and d.device.type == "cuda"
                                               else torch.float32)
     loader = iter(make_train_loader(stream))
+    if where is not None:
+        # restored last: building the engine, measuring the peak and starting the loader's iterator all
+        # draw from the global RNGs, so restoring earlier would shift dropout against the uninterrupted run
+        ckpt.load_rank_rng(where[0] / where[1], d.rank)
 
-    monitor = Monitor(run_dir / "tensorboard", d.rank, purge_step=step + 1 if where is not None else None)
+    # a fresh start hides events a killed earlier attempt left at any step (purge from step 1)
+    monitor = Monitor(run_dir / "tensorboard", d.rank, purge_step=step + 1)
     if where is None:
         hp = {**{f"model.{k}": v for k, v in resolved["model"].items()},
               **{f"train.{k}": v for k, v in resolved["train"].items()},
@@ -449,7 +453,8 @@ def train(cfg: RunConfig, resume: Optional[str] = None) -> TrainResult:
             meta_new = {"step": step_now, "consumed_batches_per_rank": step_now * accum,
                         "consumed_samples": step_now * t.global_batch_size, "skipped_steps": skipped_total,
                         "layout": _layout_meta(cfg, d), "zero_stage": stage, "model": resolved["model"],
-                        "hashes": hashes, "time": time.time()}
+                        "hashes": hashes, "data_start_step": data_start,
+                        "schedule": schedule_meta(t, lr_anchor), "time": time.time()}
             ckpt.finalize_save(ckpt_dir, tag, meta_new, t.keep_checkpoints)
         dist.barrier()
         monitor.console(f"[llp-pretrain] saved checkpoint {tag_dir}")

@@ -3,7 +3,9 @@
 ``export_checkpoint(CHECKPOINT, OUT)`` accepts a run directory, its ``checkpoints/`` directory (the
 ``latest`` tag is used) or one ``stepNNNNNNNN`` tag directory. ZeRO-0 weights come from the
 ``module`` entry of ``mp_rank_00_model_states.pt``; ZeRO 1-3 weights are the fp32 master weights
-reassembled from every rank's partition by DeepSpeed's ``zero_to_fp32`` utilities. Every tensor is
+reassembled from every rank's partition by DeepSpeed's ``zero_to_fp32`` utilities. Every file is
+read with torch's weights-only unpickler (``checkpoint.weights_only_loads``): a planted pickle is
+refused with :class:`~llp_pretrain.checkpoint.UntrustedCheckpointError`, never run. Every tensor is
 checked against the shape of a freshly built model of the checkpoint's ``ModelConfig`` before
 anything is written; files are written under temporary names and renamed.
 """
@@ -53,15 +55,28 @@ def load_checkpoint_weights(path: str | os.PathLike) -> Tuple[Dict[str, torch.Te
         files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise FileNotFoundError(f"{tag_dir}: no mp_rank_00_model_states.pt")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        state = ckpt.safe_torch_load(files[0])["module"]
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        ckpt.check_loadable(tag_dir)
+        with ckpt.weights_only_loads():
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     model_cfg = meta["model"]
     _check_shapes(state, model_cfg, tag_dir)
     return state, model_cfg, tag_dir
+
+
+def _shape_problems(state: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]) -> str:
+    """'' when ``state`` has exactly ``ref``'s tensor names and shapes, else a one-line summary."""
+    missing = [k for k in ref if k not in state]
+    extra = [k for k in state if k not in ref]
+    bad = [f"{k} {tuple(state[k].shape)} vs {tuple(ref[k].shape)}" for k in ref if k in state
+           and tuple(state[k].shape) != tuple(ref[k].shape)]
+    parts = [f"{label} {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
+             for label, items in (("missing", missing), ("unexpected", extra), ("wrong shapes", bad)) if items]
+    return "; ".join(parts)
 
 
 def _check_shapes(state: Dict[str, torch.Tensor], model_cfg: Dict, where) -> None:
@@ -69,13 +84,9 @@ def _check_shapes(state: Dict[str, torch.Tensor], model_cfg: Dict, where) -> Non
 
     with torch.device("meta"):
         ref = build_model(model_cfg).state_dict()
-    missing = [k for k in ref if k not in state]
-    extra = [k for k in state if k not in ref]
-    bad = [f"{k}: {tuple(state[k].shape)} != {tuple(ref[k].shape)}" for k in ref if k in state
-           and tuple(state[k].shape) != tuple(ref[k].shape)]
-    if missing or extra or bad:
-        raise ValueError(f"{where}: weights do not match the model config: missing {missing}, unexpected {extra}, "
-                         f"wrong shapes {bad}")
+    problems = _shape_problems(state, ref)
+    if problems:
+        raise ValueError(f"{where}: weights do not match the model config: {problems}")
 
 
 def find_tokenizer(tag_dir: Path):
@@ -107,13 +118,21 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
 
 
 def load_exported_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load ``PATH/model.safetensors`` into ``model`` (strict). Raises ``FileNotFoundError``/``RuntimeError``."""
+    """Load ``PATH/model.safetensors`` into ``model`` (strict).
+
+    Raises ``FileNotFoundError`` when the file is missing and ``ValueError`` naming the tensors whose
+    names or shapes do not fit ``model``."""
     from safetensors.torch import load_file
 
     f = Path(path) / WEIGHTS
     if not f.is_file():
         raise FileNotFoundError(f"{f}: not found; create it with `llp-pretrain export CHECKPOINT {path}`")
-    model.load_state_dict(load_file(str(f)), strict=True)
+    state = load_file(str(f))
+    problems = _shape_problems(state, model.state_dict())
+    if problems:
+        raise ValueError(f"{f} does not fit this model config: {problems}; use weights exported from a run with "
+                         f"the same model section (see {Path(path) / MODEL_CONFIG})")
+    model.load_state_dict(state, strict=True)
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):

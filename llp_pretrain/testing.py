@@ -122,7 +122,7 @@ def _train_many(spec_path: str) -> int:
         t0 = time.time()
         cfg = load_config(raw=job["config"], overrides=job.get("overrides", []))
         try:
-            out = dataclasses.asdict(train(cfg, resume=job.get("resume")))
+            out = dataclasses.asdict(train(cfg, resume=job.get("resume"), overwrite=job.get("overwrite", False)))
         except Exception as e:  # recorded for jobs that are expected to fail
             if not job.get("expect_error"):
                 raise
