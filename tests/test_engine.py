@@ -239,7 +239,8 @@ def test_nonfinite_steps_are_skipped_then_abort(single):
 
 
 def _resume_sections():
-    return dict(data={"num_workers": 1, "shuffle_buffer": 4},
+    # dropout > 0: the resumed run must also continue the dropout RNG streams exactly
+    return dict(data={"num_workers": 1, "shuffle_buffer": 4}, model={"dropout": 0.1},
                 train={"max_steps": 8, "micro_batch_size": 2, "grad_accum_steps": 2, "save_interval": 4,
                        "warmup_steps": 3, "sample_tokens": 4, "eval_interval": 3})
 

@@ -75,3 +75,31 @@ def test_lr_schedule_warmup_then_cosine():
     assert lrs[4] == pytest.approx(1.0) and lrs[20] == pytest.approx(0.1)
     assert lrs[12] == pytest.approx(0.55)  # half-way through the cosine: (1 + 0.1) / 2
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def test_lr_stays_continuous_when_max_steps_changes_on_resume():
+    from types import SimpleNamespace
+
+    from llp_pretrain.schedule import resumed_schedule, schedule_meta
+
+    old = SimpleNamespace(lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=20)
+    meta = {"step": 20, "schedule": schedule_meta(old, None)}
+    longer = SimpleNamespace(**{**vars(old), "max_steps": 40})
+    fn, anchor = resumed_schedule(longer, meta)
+    # the finished run sat at min_lr; continuing longer must not re-warm (the closed form jumps back up)
+    assert lr_at(20, 1.0, 0.1, 4, 40) == pytest.approx(0.628, abs=1e-3)
+    assert anchor == {"step": 20, "lr": pytest.approx(0.1)}
+    assert [fn(s) for s in (20, 30, 40)] == [pytest.approx(0.1)] * 3
+    # mid-way: resume at step 12 of 20 with max_steps 30: continuous at 12, decays to min_lr at 30
+    meta = {"step": 12, "schedule": schedule_meta(old, None)}
+    fn, anchor = resumed_schedule(SimpleNamespace(**{**vars(old), "max_steps": 30}), meta)
+    assert fn(12) == pytest.approx(lr_at(12, 1.0, 0.1, 4, 20))
+    lrs = [fn(s) for s in range(12, 31)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(0.1)
+    # the anchor is carried to a later resume with the same max_steps
+    meta2 = {"step": 20, "schedule": schedule_meta(SimpleNamespace(**{**vars(old), "max_steps": 30}), anchor)}
+    fn2, anchor2 = resumed_schedule(SimpleNamespace(**{**vars(old), "max_steps": 30}), meta2)
+    assert anchor2 == anchor and fn2(25) == fn(25)
+    # other schedule fields: refused with the way out
+    with pytest.raises(ValueError, match="train.lr: 1.0 -> 2.0.*only train.max_steps may change"):
+        resumed_schedule(SimpleNamespace(**{**vars(old), "lr": 2.0}), meta)
