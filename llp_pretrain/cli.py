@@ -318,11 +318,13 @@ def _cmd_compare(args) -> int:
 
 
 def quiet_other_ranks() -> None:
-    """Start-up notices once, not once per rank: on global ranks other than 0 (``$RANK``), DeepSpeed's
-    log lines below ERROR, Python warnings and torch's C++ warnings are dropped (errors still show from
-    every rank). Runs before torch and deepspeed are imported."""
+    """Start-up notices once, not once per rank: on global ranks other than 0 (``$RANK``), standard
+    output (the console is rank 0's; libraries print start-up notices there), DeepSpeed's log lines
+    below ERROR, Python warnings and torch's C++ warnings are dropped. Errors still reach stderr from
+    every rank. Runs before torch and deepspeed are imported."""
     if os.environ.get("RANK", "0").strip() in ("", "0"):
         return
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     import logging
     import warnings
 
@@ -357,7 +359,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from llp_pretrain.config import ConfigError
 
     args = build_parser().parse_args(argv)
-    quiet_other_ranks()
+    if args.command == "train":
+        quiet_other_ranks()
     handlers = {"train": _cmd_train, "check-config": _cmd_check, "eval": _cmd_eval, "generate": _cmd_generate,
                 "export": _cmd_export, "quickstart": _cmd_quickstart,
                 "compare": _cmd_compare}
