@@ -46,7 +46,7 @@ def _env():
             if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")}
 
 
-def _cli(*args, env=None, timeout=300, cwd=None):
+def _cli(*args, env=None, timeout=600, cwd=None):
     return subprocess.run([sys.executable, "-m", "llp_pretrain.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env or _env(), cwd=cwd)
 
@@ -64,14 +64,32 @@ def _one_line_error(proc, *needles, rc=2):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny dataset and a run trained on it for 2 steps (checkpoint with recorded hashes)."""
+    """A tiny dataset and a ZeRO-2 run trained on it for 2 steps (checkpoint with recorded hashes;
+    ZeRO 1-3 weights are read back through DeepSpeed's zero_to_fp32, which prints progress)."""
     d = tmp_path_factory.mktemp("tiny")
     write_tiny_dataset(d / "ds", seq_len=16, train_samples=[8, 8], vocab_size=50)
-    raw = tiny_run_config(d / "ds", d / "run", train={"max_steps": 2}, deepspeed=ZERO0)
+    raw = tiny_run_config(d / "ds", d / "run", train={"max_steps": 2},
+                          deepspeed=str(REPO / "configs" / "deepspeed" / "zero2.json"))
     (d / "run.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     p = _cli("train", "--config", d / "run.yaml", cwd=d)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     return d
+
+
+def _main_error(capsys, argv, *needles, rc=2):
+    """In-process ``llp-pretrain ARGV`` fails with ``rc`` and one stderr line holding every needle."""
+    capsys.readouterr()
+    try:
+        got = cli_main([str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        got = e.code
+    out, err = capsys.readouterr()
+    assert got == rc, (got, out[-2000:], err[-2000:])
+    assert "Traceback" not in err and out == ""
+    last = err.strip().splitlines()[-1]
+    for n in needles:
+        assert n in last, (n, last)
+    return last
 
 
 def test_train_with_a_full_disk_keeps_latest_and_says_so(tmp_path):
@@ -101,16 +119,16 @@ def test_train_with_a_full_disk_keeps_latest_and_says_so(tmp_path):
     assert (tmp_path / "ls.txt").read_text().split() == ["latest", "step00000002"]
 
 
-def test_output_dir_that_is_a_file(tmp_path, tiny):
+def test_output_dir_that_is_a_file(tmp_path, tiny, capsys):
     (tmp_path / "afile").write_text("x")
-    for out in (tmp_path / "afile", tmp_path / "afile" / "run"):
+    for out, needle in ((tmp_path / "afile", "exists and is not a directory"),
+                        (tmp_path / "afile" / "run", f"{tmp_path / 'afile'} is a file")):
         raw = tiny_run_config(tiny / "ds", out, deepspeed=ZERO0)
         (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
         for cmd in ("check-config", "train"):
             assert cli_main([cmd, "--config", str(tmp_path / "c.yaml")]) == 2
-    p = _cli("train", "--config", tmp_path / "c.yaml")
-    assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert "run.output_dir" in p.stderr and "is a file" in p.stderr
+            err = capsys.readouterr().err
+            assert "run.output_dir (line" in err and needle in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("content, needle", [
@@ -132,17 +150,23 @@ def test_deepspeed_json_sections_of_the_wrong_shape(tmp_path, tiny, capsys, cont
         assert needle in err and str(js) in err and "Traceback" not in err
 
 
-def test_world_size_must_be_positive_and_world_size_env_an_integer(tmp_path, tiny, capsys):
+def test_world_size_must_be_positive_and_world_size_env_an_integer(tmp_path, tiny, capsys, monkeypatch):
     raw = tiny_run_config(tiny / "ds", tmp_path / "run", deepspeed=ZERO0)
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-    for bad in ("0", "-2", "two"):
-        p = _cli("check-config", "--config", tmp_path / "c.yaml", "--world-size", bad)
-        assert p.returncode == 2 and "argument --world-size" in p.stderr and "Traceback" not in p.stderr
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    for bad, needle in (("0", "0 must be >= 1"), ("-2", "-2 must be >= 1"), ("two", "'two' is not an integer")):
+        _main_error(capsys, ["check-config", "--config", cfg, "--world-size", bad], "argument --world-size", needle)
     for bad, needle in (("abc", "WORLD_SIZE='abc' is not an integer"), ("0", "WORLD_SIZE='0' must be >= 1")):
-        p = _cli("check-config", "--config", tmp_path / "c.yaml", env={**_env(), "WORLD_SIZE": bad})
-        assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr
-    p = _cli("train", "--config", tmp_path / "c.yaml", env={**_env(), "WORLD_SIZE": "abc"})
-    assert p.returncode == 2 and "WORLD_SIZE='abc'" in p.stderr and "Traceback" not in p.stderr
+        monkeypatch.setenv("WORLD_SIZE", bad)
+        for cmd in ("check-config", "train"):  # train refuses before starting any process group
+            assert cli_main([cmd, "--config", str(cfg)]) == 2
+            err = capsys.readouterr().err
+            assert needle in err and "Traceback" not in err
+    from llp_pretrain.config import ConfigError, load_config
+
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ConfigError, match="world_size: -1 must be a positive number of processes"):
+        load_config(cfg, world_size=-1)
 
 
 def test_yaml_not_utf8_names_the_file_and_line(tmp_path, tiny, capsys):
@@ -173,60 +197,65 @@ def test_duplicate_yaml_keys_are_an_error(tmp_path, tiny, capsys):
     assert read_yaml_file(tmp_path / "merge.yaml")[0]["train"] == {"lr": 3, "wd": 2}
 
 
-def test_eval_batch_size_and_split_choices(tiny):
+def test_eval_batch_size_and_split_choices(tiny, capsys):
     for args, needle in ((["--batch-size", "0"], "argument --batch-size: 0 must be >= 1"),
                          (["--batch-size", "-3"], "argument --batch-size: -3 must be >= 1"),
                          (["--stride", "0"], "argument --stride: 0 must be >= 1"),
                          (["--split", "test"], "argument --split: invalid choice: 'test'")):
-        p = _cli("eval", "--checkpoint", tiny / "run", "--data", tiny / "ds", *args)
-        assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr
+        _main_error(capsys, ["eval", "--checkpoint", tiny / "run", "--data", tiny / "ds", *args], needle)
+    from llp_pretrain.cli import evaluate_checkpoint
+
+    with pytest.raises(ValueError, match="batch size 0 must be >= 1"):
+        evaluate_checkpoint(str(tiny / "run"), str(tiny / "ds"), batch_size=0)
 
 
-def test_eval_refuses_data_from_another_tokenizer_before_scoring(tmp_path, tiny):
+def test_eval_refuses_data_from_another_tokenizer_before_scoring(tmp_path, tiny, capsys):
     other = tmp_path / "other"
     shutil.copytree(tiny / "ds", other)
     m = json.loads((other / "manifest.json").read_text())
     m["tokenizer"]["sha256"] = "0" * 64
     (other / "manifest.json").write_text(json.dumps(m))
-    p = _cli("eval", "--checkpoint", tiny / "run", "--data", other, "--json")
-    _one_line_error(p, str(other / "manifest.json"), "tokenizer sha256 000000000000", "trained with synthetic")
-    assert p.stdout == ""
+    _main_error(capsys, ["eval", "--checkpoint", tiny / "run", "--data", other, "--json"],
+                str(other / "manifest.json"), "tokenizer sha256 000000000000", "trained with synthetic")
     # the same for an exported directory, which carries the run's hashes
     exp = tmp_path / "exp"
-    assert _cli("export", tiny / "run", exp).returncode == 0
+    assert cli_main(["export", str(tiny / "run"), str(exp)]) == 0
     assert json.loads((exp / "hashes.json").read_text())["tokenizer_manifest_sha256"] == "synthetic"
-    _one_line_error(_cli("eval", "--checkpoint", exp, "--data", other), "tokenizer sha256 000000000000")
-    ok = _cli("eval", "--checkpoint", exp, "--data", tiny / "ds", "--json")
-    assert ok.returncode == 0 and json.loads(ok.stdout)["tokens"] > 0
+    _main_error(capsys, ["eval", "--checkpoint", exp, "--data", other], "tokenizer sha256 000000000000")
+    assert cli_main(["eval", "--checkpoint", str(exp), "--data", str(tiny / "ds"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] > 0
 
 
 def test_eval_json_stdout_is_only_the_result(tiny):
-    """Library chatter (DeepSpeed's accelerator notice, zero_to_fp32's progress) goes to stderr."""
+    """Library chatter (DeepSpeed's accelerator notice, zero_to_fp32's "Processing zero checkpoint")
+    goes to stderr: a real process, whose stdout must parse as one JSON object."""
     p = _cli("eval", "--checkpoint", tiny / "run", "--data", tiny / "ds", "--json")
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout)  # the whole stdout is one JSON object
     assert set(res) == {"tokens", "loss", "ppl", "bits_per_byte"}
+    assert "Processing zero checkpoint" in p.stderr  # the chatter is still there, on stderr
 
 
-def test_generate_tokenizer_must_be_a_sentencepiece_model(tmp_path, tiny):
+def test_generate_tokenizer_must_be_a_sentencepiece_model(tmp_path, tiny, capsys):
     (tmp_path / "notamodel.txt").write_text("hello")
     for tok, needle in ((tmp_path, "is a directory; give the tokenizer.model file"),
                         (tmp_path / "missing.model", "no such file"),
                         (tmp_path / "notamodel.txt", "is not a SentencePiece model")):
-        p = _cli("generate", "--checkpoint", tiny / "run", "--prompt", "x", "--tokenizer", tok)
-        _one_line_error(p, str(tok), needle)
-        assert p.stdout == ""
+        _main_error(capsys, ["generate", "--checkpoint", tiny / "run", "--prompt", "x", "--tokenizer", tok],
+                    str(tok), needle)
 
 
-def test_export_refuses_an_existing_file_and_writes_normal_permissions(tmp_path, tiny):
+def test_export_refuses_an_existing_file_and_writes_normal_permissions(tmp_path, tiny, capsys):
     target = tmp_path / "model.bin"
     target.write_text("precious")
-    _one_line_error(_cli("export", tiny / "run", target), str(target), "exists and is not a directory")
+    _main_error(capsys, ["export", tiny / "run", target], str(target), "exists and is not a directory")
     assert target.read_text() == "precious"
-    p = subprocess.run(f"umask 022 && {sys.executable} -m llp_pretrain.cli export {tiny / 'run'} {tmp_path / 'exp'}",
-                       shell=True, capture_output=True, text=True, env=_env(), timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.startswith("wrote ")  # the result line is the only stdout
+    old = os.umask(0o022)
+    try:
+        assert cli_main(["export", str(tiny / "run"), str(tmp_path / "exp")]) == 0
+    finally:
+        os.umask(old)
+    assert capsys.readouterr().out.startswith("wrote ")
     for f in ("model.safetensors", "model_config.json", "hashes.json"):
         assert stat.S_IMODE((tmp_path / "exp" / f).stat().st_mode) == 0o644, f
 
@@ -254,6 +283,8 @@ def test_every_option_has_help_and_shows_its_default():
     assert "(default: 8)" in " ".join(subs.choices["eval"].format_help().split())
 
 
-def test_version():
-    p = _cli("--version")
-    assert p.returncode == 0 and p.stdout.startswith("llp-pretrain 0.") and "torch" in p.stdout
+def test_version(capsys):
+    with pytest.raises(SystemExit) as ei:
+        cli_main(["--version"])
+    out = capsys.readouterr().out
+    assert ei.value.code == 0 and out.startswith("llp-pretrain 0.") and "torch" in out
