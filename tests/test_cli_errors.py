@@ -288,3 +288,21 @@ def test_version(capsys):
         cli_main(["--version"])
     out = capsys.readouterr().out
     assert ei.value.code == 0 and out.startswith("llp-pretrain 0.") and "torch" in out
+
+
+@pytest.mark.timeout(900)
+def test_start_up_notices_are_printed_once_not_per_rank(tmp_path):
+    """Two ranks under torchrun: DeepSpeed's accelerator notice and its comm-op notice appear once
+    (rank 0), not once per rank; the run's own console lines too."""
+    write_tiny_dataset(tmp_path / "ds", seq_len=16, train_samples=[8, 8], vocab_size=50)
+    raw = tiny_run_config(tmp_path / "ds", tmp_path / "run", deepspeed=ZERO0, train={"max_steps": 2})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    p = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "llp_pretrain.cli", "train",
+                        "--config", str(tmp_path / "run.yaml")], capture_output=True, text=True, env=_env(),
+                       timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    both = p.stdout + p.stderr
+    assert both.count("Setting accelerator to CPU") == 1, both
+    assert both.count("deepspeed_shm_comm_op built successfully") <= 1, both
+    assert both.count("| world 2 (dp 2 x sp 1)") == 1 and both.count("step       2/2") == 1, both
