@@ -92,15 +92,17 @@ def tokenizer_hashes(path: str | os.PathLike) -> set:
     from ``run_meta.json`` ``hashes`` (checkpoints), ``hashes.json`` (exports) or, for an export
     without one, its ``tokenizer.model``. Empty when none is recorded."""
     p = Path(path)
-    if (p / WEIGHTS).is_file() and (p / MODEL_CONFIG).is_file():
+    exported = (p / WEIGHTS).is_file() and (p / MODEL_CONFIG).is_file()
+    if exported:
         rec = json.loads((p / HASHES).read_text()) if (p / HASHES).is_file() else {}
-        if not rec and (p / "tokenizer.model").is_file():
-            from data_prep.tokenizer import file_sha256
-
-            return {file_sha256(p / "tokenizer.model")}
     else:
         rec = ckpt.read_meta(resolve_checkpoint(p)).get("hashes") or {}
-    return {v for k, v in rec.items() if k in ("tokenizer_sha256", "tokenizer_manifest_sha256") and isinstance(v, str)}
+    out = {v for k, v in rec.items() if k in ("tokenizer_sha256", "tokenizer_manifest_sha256") and isinstance(v, str)}
+    if not out and exported and (p / "tokenizer.model").is_file():
+        from data_prep.tokenizer import file_sha256
+
+        out = {file_sha256(p / "tokenizer.model")}
+    return out
 
 
 def _umask() -> int:
