@@ -200,7 +200,6 @@ def test_seventeen_problems_come_in_one_round(ds, tmp_path):
     with pytest.raises(ConfigError) as ei:
         load_config(path, overrides=["train.warmup_steps", "model.d_model=[1", "train.eps=-1"], world_size=2)
     got = [(loc.split(" (")[0], msg) for loc, msg in ei.value.problems]
-    locs = [loc for loc, _ in got]
     text = str(ei.value)
     expected = {
         "--set train.warmup_steps": "expected key.sub=value",            # malformed --set items ...
