@@ -17,13 +17,14 @@ files first and names any file that holds other Python objects.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -45,6 +46,8 @@ __all__ = [
     "weights_only_loads",
     "check_loadable",
     "safe_torch_load",
+    "DiskFullError",
+    "reporting_full_disk",
 ]
 
 LATEST = "latest"
@@ -271,3 +274,49 @@ def finalize_save(ckpt_dir: Path, tag: str, meta: Dict[str, Any], keep: int) -> 
         s = step_of(p.name)
         if p.is_dir() and s is not None and s < cur and not (p / META).is_file():
             shutil.rmtree(p, ignore_errors=True)
+
+
+class DiskFullError(OSError):
+    """A save failed because the file system is full (``errno.ENOSPC``); ``str()`` is the whole message."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _is_disk_full(exc: BaseException, where: Path) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc).lower()
+    if "no space left" in text or "disk quota" in text:
+        return True
+    try:  # torch's zip writer says "file write failed" or "unexpected pos": look at the file system
+        return shutil.disk_usage(where).free < 64 * 2 ** 20
+    except OSError:
+        return False
+
+
+def reporting_full_disk(save_fn: Callable[[int], None], ckpt_dir: Path) -> Callable[[int], None]:
+    """Wrap ``save_fn(step)`` so that a full disk ends in a :class:`DiskFullError` saying so in one
+    line, naming the directory and the checkpoint that stays ``latest``; the incomplete tag directory
+    is removed (it was never ``latest``) to give the space back. Other errors pass unchanged."""
+
+    def save(step: int) -> None:
+        try:
+            save_fn(step)
+        except (OSError, RuntimeError) as e:
+            tag_dir = ckpt_dir / tag_for(step)
+            if not _is_disk_full(e, ckpt_dir):
+                raise
+            latest = read_latest(ckpt_dir)
+            if latest != tag_dir.name and not (tag_dir / META).is_file():
+                shutil.rmtree(tag_dir, ignore_errors=True)
+            keep = f"{ckpt_dir / latest} stays the latest checkpoint" if latest else "no earlier checkpoint exists"
+            raise DiskFullError(f"no space left on the device holding {ckpt_dir} while saving checkpoint "
+                                f"{tag_dir.name}; {keep}. Free space (or lower train.keep_checkpoints) and rerun "
+                                "with --resume auto") from None
+
+    return save

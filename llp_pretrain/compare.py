@@ -14,11 +14,14 @@ every variant: only the last ``T`` positions of each window are scored, ``T`` = 
 positions of any selected variant (``latent_len`` for the PerceiverAR family, ``seq_len`` for
 ``gpt``/``llp``), with ``stride <= T``. The evaluation is logged to the variant's TensorBoard run as
 ``eval/loss``, ``eval/ppl`` and ``eval/bits_per_byte``, and every number of the results table is
-read back from those TensorBoard runs.
+read back from those TensorBoard runs. Training step time and tokens/s are medians over the log
+intervals after the first one (which holds the warm-up); ``train.log_interval`` is capped at
+``max_steps / 10`` so that there are such intervals.
 
 Outputs in the run directory: ``results.json``, ``results.md``, ``loss_curves.png`` (train loss and the
 in-training validation loss, ``train/loss`` and ``val/loss`` of the TensorBoard runs, against training
-tokens; the table's validation numbers are the final strided evaluation), ``cost_vs_seq_len.png`` (median forward+backward step time of one
+tokens, on one shared loss axis with the final values and their spread written in the validation panel;
+the table's validation numbers are the final strided evaluation), ``cost_vs_seq_len.png`` (median forward+backward step time of one
 window against ``seq_len``, measured in this process for every variant side by side). The PNGs carry
 the plotted series as JSON in the PNG text chunk ``llp-pretrain:series``.
 """
@@ -99,10 +102,10 @@ def load_compare_config(path: str | os.PathLike, variants: Optional[Sequence[str
         FileNotFoundError: the YAML does not exist.
         ValueError: unknown variants or invalid ``compare`` / ``data.prepare`` fields (named).
     """
-    from llp_pretrain.config import find_config_file
+    from llp_pretrain.config import find_config_file, read_yaml_file
 
     src = find_config_file(str(path))
-    raw = yaml.safe_load(src.read_text(encoding="utf-8")) or {}
+    raw = read_yaml_file(src)[0] or {}  # UTF-8, no duplicate keys; ConfigError names file and line
     if not isinstance(raw, dict):
         raise _bad(str(src), "a compare config must be a mapping of sections")
     try:
@@ -313,15 +316,23 @@ def _save(fig, path: Path, series: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def val_spread(curves: Dict[str, Dict[str, List[Tuple[float, float]]]]) -> Optional[float]:
+    """Largest minus smallest final validation loss across variants (nats), None with fewer than two."""
+    last = [c["val"][-1][1] for c in curves.values() if c.get("val")]
+    return max(last) - min(last) if len(last) > 1 else None
+
+
 def plot_loss_curves(curves: Dict[str, Dict[str, List[Tuple[float, float]]]], path: Path):
     """``curves[variant] = {"train": [(tokens, loss)...], "val": [...]}`` -> two panels, one line
-    per variant in each. Returns the matplotlib Figure (also saved to ``path``)."""
+    per variant in each, on one shared loss axis: the validation panel is not zoomed into its own
+    narrow range (which would draw a 0.01-nat difference as a wide gap); it lists the final values
+    and their spread instead. Returns the matplotlib Figure (also saved to ``path``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, kind in zip(axes, ("train", "val")):
         for v, c in curves.items():
             pts = c.get(kind) or []
@@ -332,10 +343,19 @@ def plot_loss_curves(curves: Dict[str, Dict[str, List[Tuple[float, float]]]], pa
         ax.set_ylabel(f"{kind} loss (nats/token)")
         ax.set_title(f"{kind} loss")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper right")
+    axes[1].yaxis.set_tick_params(labelleft=True)
+    spread = val_spread(curves)
+    final = [f"{v}: {c['val'][-1][1]:.4f}" for v, c in curves.items() if c.get("val")]
+    if final:
+        note = "final val loss (nats)\n" + "\n".join(final)
+        if spread is not None:
+            note += f"\nspread {spread:.4f} nats"
+        axes[1].text(0.03, 0.03, note, transform=axes[1].transAxes, fontsize=8, family="monospace",
+                     va="bottom", ha="left", bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "0.7"})
     fig.tight_layout()
     _save(fig, path, {"train": {v: c.get("train", []) for v, c in curves.items()},
-                      "val": {v: c.get("val", []) for v, c in curves.items()}})
+                      "val": {v: c.get("val", []) for v, c in curves.items()}, "val_spread": spread})
     return fig
 
 
@@ -368,6 +388,12 @@ def plot_cost(cost: Dict[str, List[Tuple[int, float]]], path: Path):
 def _median(pairs: List[Tuple[int, float]]) -> Optional[float]:
     vals = [v for _, v in pairs if v is not None and math.isfinite(v)]
     return statistics.median(vals) if vals else None
+
+
+def steady_median(pairs: List[Tuple[int, float]]) -> Optional[float]:
+    """Median of per-log-interval values without the first interval, which holds the warm-up (first
+    DeepSpeed step, kernel probes, allocator growth); None when no later interval was logged."""
+    return _median(sorted(pairs)[1:])
 
 
 def _last(pairs: List[Tuple[int, float]]) -> Optional[float]:
@@ -430,6 +456,10 @@ def run_compare(config: str, out: Optional[str] = None, variants: Optional[Seque
     data["path"] = str(data_dir)
     if spec.steps:
         base.setdefault("train", {})["max_steps"] = spec.steps
+    tr = base.setdefault("train", {})
+    if isinstance(tr.get("max_steps"), int) and isinstance(tr.get("log_interval", 10), int):
+        # enough log intervals after the first (warm-up) one for a steady step time
+        tr["log_interval"] = max(1, min(tr.get("log_interval", 10), tr["max_steps"] // 10))
 
     # one validated run config per variant, all before any training starts
     from llp_pretrain.config import read_manifest
@@ -528,8 +558,8 @@ def run_compare(config: str, out: Optional[str] = None, variants: Optional[Seque
             "params_rel_diff": matched[v]["rel_diff"],
             "attention_flops_per_token": attn,
             "train_tokens": steps_done * tok_per_step,
-            "step_time_s": _median(sc.get("train/step_time", [])),
-            "tokens_per_sec": _median(sc.get("train/tokens_per_sec", [])),
+            "step_time_s": steady_median(sc.get("train/step_time", [])),
+            "tokens_per_sec": steady_median(sc.get("train/tokens_per_sec", [])),
             "peak_memory_gb": max((x for _, x in sc.get("train/memory_gb", [])), default=None),
             "final_train_loss": _last(sc.get("train/loss", [])),
             "val_loss": _last(sc.get("eval/loss", [])),
@@ -571,7 +601,9 @@ def render_markdown(results: Dict[str, Any]) -> str:
     lines = [f"# Variant comparison (seq_len {results['seq_len']})", "",
              f"Validation: strided evaluation of the `val` split, last "
              f"{results['eval']['scored_positions_per_window']} positions of each window scored, stride "
-             f"{results['eval']['stride']}; every number below is read back from the TensorBoard runs.", "",
+             f"{results['eval']['stride']}; every number below is read back from the TensorBoard runs. s/step and "
+             "tokens/s are medians over the log intervals after the first (warm-up) one; n/a: the run logged no "
+             "later interval.", "",
              head, "|" + "---|" * 11]
     for r in results["variants"].values():
         lines.append(
@@ -579,6 +611,10 @@ def render_markdown(results: Dict[str, Any]) -> str:
             f"{r['train_tokens']:,} | {_fmt(r['step_time_s'], '.3f')} | {_fmt(r['tokens_per_sec'], ',.0f')} | "
             f"{_fmt(r['peak_memory_gb'], '.2f')} | {_fmt(r['val_loss'], '.4f')} | {_fmt(r['val_ppl'], '.3f')} | "
             f"{_fmt(r['val_bits_per_byte'], '.4f')} |")
+    vals = [r["val_loss"] for r in results["variants"].values() if r["val_loss"] is not None]
+    if len(vals) > 1:
+        lines += ["", f"Spread of the validation losses: {max(vals) - min(vals):.4f} nats (max - min); with one "
+                  "seed, differences of this order may be noise."]
     lines += ["", "## Step time against seq_len (forward+backward of one window, median seconds)", ""]
     lens = sorted({n for pts in results["cost_vs_seq_len"].values() for n, _ in pts})
     lines.append("| variant | " + " | ".join(str(n) for n in lens) + " |")

@@ -209,7 +209,57 @@ def read_manifest(path: str | os.PathLike) -> Dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# YAML with line numbers
+# YAML: strict loading (UTF-8, no duplicate keys) and line numbers
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with the same key twice (PyYAML keeps the last one
+    silently, so a repeated ``lr:`` would quietly override the first). Merge keys (``<<``) may still
+    be overridden by explicit keys, as YAML specifies."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: Dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable (complex) key: the base class reports it
+                    continue
+                if first != key_node.start_mark.line + 1:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"duplicate key {key!r} (first given at line {first}); keep one of them",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml_file(path: Path) -> Tuple[Any, str]:
+    """Parse a YAML file strictly (UTF-8 text, no duplicate keys, no Python tags): ``(data, text)``.
+
+    Raises :class:`ConfigError` naming the file and line (not UTF-8, not valid YAML, duplicate key,
+    unreadable)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(str(path), [("<file>", f"cannot read it ({e.strerror or e})")]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(str(path), [(f"line {line}", f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                                       f"{e.start}); save the file as UTF-8")]) from None
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader), text
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "<file>"
+        what = getattr(e, "problem", None) or str(e)
+        raise ConfigError(str(path), [(where, f"not valid YAML: {what}")]) from None
+
+# --------------------------------------------------------------------------------------------
+# YAML line numbers
 
 def _line_map(text: str) -> Dict[str, int]:
     """Map dotted key paths of a YAML mapping to their 1-based line numbers."""
@@ -233,6 +283,14 @@ def _line_map(text: str) -> Dict[str, int]:
 def parse_overrides(items: List[str]) -> List[Tuple[List[str], Any]]:
     """Parse ``key.sub=value`` strings; values are YAML scalars/lists (``3``, ``1e-3``, ``true``,
     ``[0.9, 0.95]``, ``null``). Raises ``ConfigError`` listing every malformed item."""
+    parsed, problems = _parse_overrides(items)
+    if problems:
+        raise ConfigError("--set", problems)
+    return parsed
+
+
+def _parse_overrides(items: List[str]) -> Tuple[List[Tuple[List[str], Any]], List[Tuple[str, str]]]:
+    """``(parsed overrides, problems)``: the well-formed items and one problem per malformed one."""
     parsed, problems = [], []
     for item in items:
         if "=" not in item:
@@ -244,14 +302,13 @@ def parse_overrides(items: List[str]) -> List[Tuple[List[str], Any]]:
             problems.append((f"--set {item}", "empty key"))
             continue
         try:
-            value = yaml.safe_load(raw) if raw.strip() != "" else ""
+            value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() != "" else ""
         except yaml.YAMLError as e:
-            problems.append((f"--set {item}", f"value is not valid YAML ({e})"))
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            problems.append((f"--set {item}", f"value is not valid YAML ({what}); quote it or fix it"))
             continue
         parsed.append((key.split("."), value))
-    if problems:
-        raise ConfigError("--set", problems)
-    return parsed
+    return parsed, problems
 
 
 def _apply_override(tree: Dict[str, Any], path: List[str], value: Any) -> None:
@@ -321,10 +378,97 @@ def resolve_tokenizer(data: DataConfig, manifest: Optional[Dict[str, Any]] = Non
     return None
 
 
+def _validate_section(name: str, cls, val: Dict[str, Any], problems: List[Tuple[str, str]],
+                      placeholders: Optional[Dict[str, Any]] = None) -> Tuple[Any, set]:
+    """Validate one section: ``(object, bad_fields)``.
+
+    When fields are wrong, their problems are added and the section is validated again without
+    them (defaults, or ``placeholders`` for required fields, stand in), so the section's own
+    combination checks and the cross-field checks still run on the fields that are right: the
+    object is then a *partial* one, for checks only, and ``bad_fields`` names what it lacks.
+    A combination problem found on that second pass is reported unless it mentions a bad field
+    (it may come from a stand-in). The object is None when even that is impossible."""
+    try:
+        return cls.model_validate(val), set()
+    except ValidationError as e:
+        problems.extend(_pydantic_problems(name, cls, e))
+        bad = {str(err["loc"][0]) for err in e.errors() if err["loc"]}
+    except ValueError as e:  # configs may raise plain ValueErrors naming fields
+        problems.append((name, str(e)))
+        return None, set()
+    if not bad:  # the combination check itself failed: nothing more to learn
+        return None, bad
+    keep = {k: v for k, v in val.items() if k not in bad}
+    for k in bad:
+        if k in (placeholders or {}):
+            keep[k] = placeholders[k]
+    if any(f not in keep and info.is_required() for f, info in cls.model_fields.items()):
+        return None, bad
+    try:
+        return cls.model_validate(keep), bad
+    except (ValidationError, ValueError) as e:
+        errs = e.errors() if isinstance(e, ValidationError) else [{"loc": (), "msg": str(e)}]
+        for err in errs:
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            if not err["loc"] and not any(b in msg for b in bad):
+                problems.append((name, msg))
+        return None, bad
+
+
+def _value(obj: Any, raw: Any, bad: set, name: str, typ=int) -> Any:
+    """A field's value for cross-field checks: from the (possibly partial) section object, else the
+    raw YAML value when it already has type ``typ``; None when the field is wrong or unknown."""
+    if name in bad:
+        return None
+    if obj is not None:
+        return getattr(obj, name, None)
+    v = raw.get(name) if isinstance(raw, dict) else None
+    return v if isinstance(v, typ) and not isinstance(v, bool) else None
+
+
+def _resolve_world_size(world_size: Optional[int], problems: List[Tuple[str, str]]) -> Optional[int]:
+    """The number of processes: ``world_size``, else ``$WORLD_SIZE``, else 1; None (with a problem)
+    when it is not a positive integer."""
+    if world_size is None:
+        env = os.environ.get("WORLD_SIZE")
+        if env is None:
+            return 1
+        try:
+            world_size = int(env)
+        except ValueError:
+            problems.append(("WORLD_SIZE", f"the environment variable WORLD_SIZE={env!r} is not an integer; unset it "
+                             "or set it to the number of processes (torchrun/srun set it for you)"))
+            return None
+        if world_size < 1:
+            problems.append(("WORLD_SIZE", f"the environment variable WORLD_SIZE={env!r} must be >= 1; unset it or "
+                             "set it to the number of processes"))
+            return None
+        return world_size
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        problems.append(("world_size", f"{world_size!r} must be a positive number of processes (--world-size N, N >= 1)"))
+        return None
+    return world_size
+
+
+def _check_output_dir(path: str) -> Optional[str]:
+    """Why ``run.output_dir`` cannot hold a run (a file, under a file, not writable), or None."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        return f"{p} exists and is not a directory; choose a new directory path"
+    q = p
+    while not q.exists() and q != q.parent:
+        q = q.parent
+    if q.exists() and not q.is_dir():
+        return f"{p} cannot be created: {q} is a file; choose a directory path"
+    if q.is_dir() and not os.access(q, os.W_OK | os.X_OK):
+        return f"{p} cannot be written: no write permission in {q}; choose a writable directory"
+    return None
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: Optional[List[str]] = None,
                 world_size: Optional[int] = None, *, raw: Optional[Dict[str, Any]] = None,
                 check_data: bool = True) -> RunConfig:
-    """Load, override and validate a run config.
+    """Load, override and validate a run config, reporting every problem in one round.
 
     Args:
         path: the run YAML (looked up with :func:`find_config_file`), or None with ``raw``.
@@ -337,33 +481,30 @@ def load_config(path: str | os.PathLike | None = None, overrides: Optional[List[
         a :class:`RunConfig` with the derived fields filled in.
 
     Raises:
-        ConfigError: every problem found, each with file, line and dotted key.
+        ConfigError: every problem found (malformed ``--set`` items, the YAML's own problems, wrong
+            fields, cross-field rules, the DeepSpeed JSON), each with file, line and dotted key. A
+            wrong field does not hide the checks of the fields next to it.
         FileNotFoundError: the YAML itself does not exist.
     """
-    problems: List[Tuple[str, str]] = []
+    parsed, problems = _parse_overrides(list(overrides or []))
     lines: Dict[str, int] = {}
     if raw is None:
         src = find_config_file(str(path))
-        text = src.read_text(encoding="utf-8")
         try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"line {mark.line + 1}" if mark else "?"
-            raise ConfigError(str(src), [(where, f"not valid YAML: {e}")]) from e
+            raw, text = read_yaml_file(src)
+        except ConfigError as e:
+            raise ConfigError(e.source, e.problems + problems) from None
         lines = _line_map(text)
-        source = str(src)
-        base_dir = src.parent
+        source, base_dir = str(src), src.parent
     else:
         raw = copy.deepcopy(raw)
-        source = "<dict>"
-        base_dir = Path.cwd()
+        source, base_dir = "<dict>", Path.cwd()
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(source, [("<top>", "the run config must be a mapping of sections")])
+        raise ConfigError(source, [("<top>", "the run config must be a mapping of sections")] + problems)
     overridden = set()
-    for key_path, value in parse_overrides(list(overrides or [])):
+    for key_path, value in parsed:
         _apply_override(raw, key_path, value)
         overridden.add(".".join(key_path))
 
@@ -384,104 +525,129 @@ def load_config(path: str | os.PathLike | None = None, overrides: Optional[List[
     for key in ("model", "data", "train", "deepspeed", "run"):
         if key not in raw:
             problems.append((key, "required section is missing"))
+    world_size = _resolve_world_size(world_size, problems)
+    secs = _validate_sections(raw, problems)
+    manifest = _check_data(secs, check_data, problems)
+    model, model_bad = _check_model(raw.get("model"), secs, manifest, problems)
+    secs["model"] = (model, model_bad, raw.get("model"))
+    dp, batch = _check_layout_and_batch(secs, world_size, manifest, problems)
+    ds_resolved, ds_config = _check_deepspeed(raw.get("deepspeed"), base_dir, secs, batch, problems)
 
-    if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if problems:
+        raise ConfigError(source, [(where(loc), msg) for loc, msg in problems])
+    train = secs["train"][0]
+    train.grad_accum_steps, train.global_batch_size = batch["grad_accum_steps"], batch["global_batch_size"]
+    return RunConfig(model=model, data=secs["data"][0], train=train, parallel=secs["parallel"][0],
+                     deepspeed=str(ds_resolved), run=secs["run"][0], world_size=world_size,
+                     data_parallel_size=dp, ds_config=ds_config, source=source, manifest=manifest)
 
-    def section(name, cls):
+
+def _validate_sections(raw: Dict[str, Any], problems) -> Dict[str, Tuple[Any, set, Any]]:
+    """``name -> (object or partial object or None, bad fields, raw value)`` for data/train/parallel/run."""
+    out = {}
+    for name, cls in (("data", DataConfig), ("train", TrainConfig), ("parallel", ParallelConfig), ("run", RunSection)):
         val = raw.get(name, {} if name == "parallel" else None)
         if val is None:
-            return None
-        if not isinstance(val, dict):
+            out[name] = (None, set(), None)
+        elif not isinstance(val, dict):
             problems.append((name, f"must be a mapping, got {type(val).__name__}"))
-            return None
-        try:
-            return cls.model_validate(val)
-        except ValidationError as e:
-            problems.extend(_pydantic_problems(name, cls, e))
-            return None
+            out[name] = (None, set(), None)
+        else:
+            obj, bad = _validate_section(name, cls, val, problems)
+            out[name] = (obj, bad, val)
+    run, run_bad, run_raw = out["run"]
+    out_dir = _value(run, run_raw, run_bad, "output_dir", str)
+    if out_dir is not None:
+        why = _check_output_dir(out_dir)
+        if why:
+            problems.append(("run.output_dir", why))
+    return out
 
-    data = section("data", DataConfig)
-    train = section("train", TrainConfig)
-    parallel = section("parallel", ParallelConfig)
-    run = section("run", RunSection)
 
-    # data: manifest and tokenizer
+def _check_data(secs, check_data: bool, problems) -> Optional[Dict[str, Any]]:
+    """Read ``data.path``'s manifest (checked even when other data keys are wrong); the manifest or None."""
+    data, bad, data_raw = secs["data"]
+    data_path = _value(data, data_raw, bad, "path", str)
     manifest = None
-    data_raw = raw.get("data") if isinstance(raw.get("data"), dict) else {}
-    data_path = data.path if data is not None else data_raw.get("path")
-    if isinstance(data_path, str) and check_data:  # checked even when other data keys are wrong
+    if data_path is not None and check_data:
         try:
             manifest = read_manifest(data_path)
         except (FileNotFoundError, ValueError) as e:
             problems.append(("data.path", str(e)))
-        if data is not None and data.tokenizer and not Path(data.tokenizer).is_file():
-            problems.append(("data.tokenizer", f"{data.tokenizer}: no such file"))
+        tok = _value(data, data_raw, bad, "tokenizer", str)
+        if tok and not Path(tok).is_file():
+            problems.append(("data.tokenizer", f"{tok}: no such file"
+                             + ("" if not Path(tok).exists() else " (it is a directory; give the tokenizer.model file)")))
+    return manifest
 
-    # model
-    model = None
-    model_raw = raw.get("model")
-    if isinstance(model_raw, dict):
-        model_raw = dict(model_raw)
-        piece_count = None
-        if manifest is not None:
-            piece_count = manifest.get("tokenizer", {}).get("piece_count")
-        if model_raw.get("vocab_size") == "auto":
-            if piece_count is None:
-                problems.append(("model.vocab_size", "'auto' needs data.path with a manifest giving the tokenizer's "
-                                 "piece_count; give a number or fix data.path"))
-                model_raw["vocab_size"] = 1 << 16  # placeholder so the other model keys are still checked
-            else:
-                model_raw["vocab_size"] = int(piece_count)
-        try:
-            mcls = _model_config_cls()
-        except ImportError as e:
-            problems.append(("model", f"cannot import llp_pretrain.models ({e})"))
-            mcls = None
-        if mcls is not None:
-            try:
-                model = mcls.model_validate(model_raw)
-            except ValidationError as e:
-                problems.extend(_pydantic_problems("model", mcls, e))
-            except ValueError as e:  # model configs may raise plain ValueErrors naming fields
-                problems.append(("model", str(e)))
-        if model is not None and manifest is not None:
-            if int(manifest.get("seq_len", -1)) != int(model.seq_len):
-                problems.append(("model.seq_len", f"{model.seq_len} differs from the shards' seq_len "
-                                 f"{manifest.get('seq_len')} ({Path(data_path) / 'manifest.json'}); "
-                                 "re-shard with `llp-prep shard --seq-len` or change model.seq_len"))
-            if piece_count is not None and int(model.vocab_size) < int(piece_count):
-                problems.append(("model.vocab_size", f"{model.vocab_size} is smaller than the tokenizer's piece count "
-                                 f"{piece_count}; use vocab_size: auto or >= {piece_count}"))
-    elif model_raw is not None:
+
+def _check_model(model_raw: Any, secs, manifest, problems):
+    """Validate ``model`` (partially when fields are wrong) and check it against the manifest."""
+    if model_raw is None:
+        return None, set()
+    if not isinstance(model_raw, dict):
         problems.append(("model", f"must be a mapping, got {type(model_raw).__name__}"))
+        return None, set()
+    model_raw = dict(model_raw)
+    piece_count = manifest.get("tokenizer", {}).get("piece_count") if manifest is not None else None
+    if model_raw.get("vocab_size") == "auto":
+        if piece_count is None:
+            problems.append(("model.vocab_size", "'auto' needs data.path with a manifest giving the tokenizer's "
+                             "piece_count; give a number or fix data.path"))
+            model_raw["vocab_size"] = 1 << 16  # placeholder so the other model keys are still checked
+        else:
+            model_raw["vocab_size"] = int(piece_count)
+    try:
+        mcls = _model_config_cls()
+    except ImportError as e:
+        problems.append(("model", f"cannot import llp_pretrain.models ({e})"))
+        return None, set()
+    # vocab_size and n_layers take no part in the model's combination checks: safe stand-ins
+    model, bad = _validate_section("model", mcls, model_raw, problems, placeholders={"vocab_size": 1 << 16,
+                                                                                      "n_layers": 1})
+    seq_len = _value(model, model_raw, bad, "seq_len")
+    vocab = _value(model, model_raw, bad, "vocab_size")
+    if manifest is not None and seq_len is not None and int(manifest.get("seq_len", -1)) != int(seq_len):
+        data_path = secs["data"][2].get("path") if isinstance(secs["data"][2], dict) else None
+        problems.append(("model.seq_len", f"{seq_len} differs from the shards' seq_len "
+                         f"{manifest.get('seq_len')} ({Path(str(data_path)) / 'manifest.json'}); "
+                         "re-shard with `llp-prep shard --seq-len` or change model.seq_len"))
+    if piece_count is not None and vocab is not None and int(vocab) < int(piece_count):
+        problems.append(("model.vocab_size", f"{vocab} is smaller than the tokenizer's piece count "
+                         f"{piece_count}; use vocab_size: auto or >= {piece_count}"))
+    return model, bad
 
-    # layout and batch sizes
+
+def _check_layout_and_batch(secs, world_size: Optional[int], manifest, problems):
+    """Sequence/data parallel layout and the batch-size rule. Returns ``(dp, batch fields)``."""
+    parallel, par_bad, par_raw = secs["parallel"]
+    model, model_bad, model_raw = secs["model"]
     dp = None
-    if parallel is not None:
-        sp = parallel.sequence_parallel_size
+    sp = _value(parallel, par_raw, par_bad, "sequence_parallel_size")
+    variant = _value(model, model_raw, model_bad, "variant", str)
+    if sp is not None and sp >= 1 and world_size is not None:
         if world_size % sp != 0:
             problems.append(("parallel.sequence_parallel_size",
                              f"{sp} does not divide the world size {world_size} (processes); "
                              f"launch a multiple of {sp} processes"))
         else:
             dp = world_size // sp
-        if sp > 1 and model is not None and getattr(model, "variant", None) != "llp":
-            problems.append(("parallel.sequence_parallel_size",
-                             f"{sp} > 1 needs model.variant: llp (got {getattr(model, 'variant', None)!r})"))
-        elif sp > 1 and model is not None and model.seq_len % (sp * model.segment_len) != 0:
+    if sp is not None and sp > 1 and variant is not None and variant != "llp":
+        problems.append(("parallel.sequence_parallel_size", f"{sp} > 1 needs model.variant: llp (got {variant!r})"))
+    elif sp is not None and sp > 1 and model is not None and model.segment_len:
+        if model.seq_len % (sp * model.segment_len) != 0:
             unit = sp * model.segment_len
             problems.append(("model.seq_len",
                              f"{model.seq_len} must be a multiple of sequence_parallel_size * segment_len = "
                              f"{sp} * {model.segment_len} = {unit} (each rank keeps whole segments); e.g. "
                              f"{max(unit, model.seq_len // unit * unit)}"))
-    train_raw = raw.get("train") if isinstance(raw.get("train"), dict) else {}
-    batch_fields = {k: (getattr(train, k) if train is not None else train_raw.get(k))
-                    for k in ("micro_batch_size", "grad_accum_steps", "global_batch_size")}
-    batch_ok = isinstance(batch_fields["micro_batch_size"], int) and all(
-        v is None or (isinstance(v, int) and v > 0) for v in batch_fields.values())
-    if batch_ok and dp is not None:  # checked even when other train keys are wrong
-        mb, ga, gb = (batch_fields[k] for k in ("micro_batch_size", "grad_accum_steps", "global_batch_size"))
+    train, train_bad, train_raw = secs["train"]
+    mb, ga, gb = (_value(train, train_raw, train_bad, k)
+                  for k in ("micro_batch_size", "grad_accum_steps", "global_batch_size"))
+    if "grad_accum_steps" in train_bad or "global_batch_size" in train_bad:
+        mb = None  # the rule needs all three; a wrong one was reported already
+    batch = {"micro_batch_size": mb, "grad_accum_steps": None, "global_batch_size": None}
+    if mb is not None and mb > 0 and dp is not None and all(v is None or v > 0 for v in (ga, gb)):
         if ga is None and gb is None:
             ga = 1
         if ga is None:
@@ -496,47 +662,88 @@ def load_config(path: str | os.PathLike | None = None, overrides: Optional[List[
             problems.append(("train.global_batch_size",
                              f"{gb} != micro_batch_size * grad_accum_steps * data_parallel_size = "
                              f"{mb} * {ga} * {dp} = {mb * ga * dp}"))
-        elif ga is not None and train is not None:
-            train.grad_accum_steps = ga
-            train.global_batch_size = gb
-    if manifest is not None and data is not None and dp is not None:
+        elif ga is not None:
+            batch.update(grad_accum_steps=ga, global_batch_size=gb)
+    data, data_bad, data_raw = secs["data"]
+    workers = _value(data, data_raw, data_bad, "num_workers")
+    if manifest is not None and workers is not None and dp is not None:
         n_train = sum(1 for sh in manifest.get("shards", []) if sh.get("split") == "train")
-        readers = dp * max(1, data.num_workers)
+        readers = dp * max(1, workers)
         if n_train < readers:
             problems.append(("data.num_workers", f"{n_train} train shard(s) cannot feed data_parallel_size={dp} x "
-                             f"num_workers={max(1, data.num_workers)} = {readers} readers (each reads whole shards); "
+                             f"num_workers={max(1, workers)} = {readers} readers (each reads whole shards); "
                              "lower data.num_workers or re-shard with more, smaller shards "
                              "(`llp-prep shard --samples-per-shard`)"))
-    if train is not None:
-        if train.min_lr > train.lr:
-            problems.append(("train.min_lr", f"{train.min_lr} is above train.lr {train.lr}"))
+    lr, min_lr = (_value(train, train_raw, train_bad, k, (int, float)) for k in ("lr", "min_lr"))
+    if lr is not None and min_lr is not None and min_lr > lr:
+        problems.append(("train.min_lr", f"{min_lr} is above train.lr {lr}"))
+    return dp, batch
 
-    # deepspeed JSON
-    ds_path = raw.get("deepspeed")
-    ds_config: Dict[str, Any] = {}
-    ds_resolved = None
-    if ds_path is not None:
-        if not isinstance(ds_path, str):
-            problems.append(("deepspeed", "must be the path of a DeepSpeed JSON file"))
-        else:
-            try:
-                ds_resolved = find_config_file(ds_path, base_dir)
-                ds_config = json.loads(ds_resolved.read_text(encoding="utf-8"))
-                if not isinstance(ds_config, dict):
-                    raise ValueError("top level must be an object")
-            except FileNotFoundError as e:
-                problems.append(("deepspeed", str(e)))
-            except (ValueError, json.JSONDecodeError) as e:
-                problems.append(("deepspeed", f"{ds_resolved}: not a valid DeepSpeed JSON ({e})"))
-    if ds_config and train is not None and train.grad_accum_steps is not None:
-        ds_config, ds_problems = _resolve_ds_config(ds_config, train, str(ds_resolved))
-        problems.extend(ds_problems)
 
-    if problems:
-        raise ConfigError(source, [(where(loc), msg) for loc, msg in problems])
-    return RunConfig(model=model, data=data, train=train, parallel=parallel,
-                     deepspeed=str(ds_resolved), run=run, world_size=world_size,
-                     data_parallel_size=dp, ds_config=ds_config, source=source, manifest=manifest)
+#: DeepSpeed config sections whose value must be a JSON object
+DS_OBJECT_SECTIONS = ("fp16", "bf16", "amp", "zero_optimization", "optimizer", "scheduler",
+                      "activation_checkpointing", "flops_profiler", "tensorboard", "wandb", "csv_monitor",
+                      "comms_logger", "aio", "checkpoint", "data_types", "data_efficiency", "compression_training",
+                      "autotuning", "elasticity", "pipeline", "nebula", "communication_data_type_config")
+
+
+def _check_deepspeed(ds_path: Any, base_dir: Path, secs, batch, problems) -> Tuple[Optional[Path], Dict[str, Any]]:
+    """Read the DeepSpeed JSON, check its shape, and fill/check it against the YAML's values."""
+    if ds_path is None:
+        return None, {}
+    if not isinstance(ds_path, str):
+        problems.append(("deepspeed", "must be the path of a DeepSpeed JSON file"))
+        return None, {}
+    try:
+        ds_resolved = find_config_file(ds_path, base_dir)
+    except FileNotFoundError as e:
+        problems.append(("deepspeed", str(e)))
+        return None, {}
+    try:
+        ds_config = json.loads(ds_resolved.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        problems.append(("deepspeed", f"{ds_resolved}: not UTF-8 text (offset {e.start}); save it as UTF-8"))
+        return ds_resolved, {}
+    except json.JSONDecodeError as e:
+        problems.append(("deepspeed", f"{ds_resolved}: line {e.lineno}: not valid JSON ({e.msg})"))
+        return ds_resolved, {}
+    except OSError as e:
+        problems.append(("deepspeed", f"{ds_resolved}: cannot read it ({e.strerror or e})"))
+        return ds_resolved, {}
+    if not isinstance(ds_config, dict):
+        problems.append(("deepspeed", f"{ds_resolved}: the top level must be a JSON object {{...}}, got "
+                         f"{_json_type(ds_config)}"))
+        return ds_resolved, {}
+    problems.extend(_ds_shape_problems(ds_config, str(ds_resolved)))
+    train, train_bad, _ = secs["train"]
+    known = {"train_batch_size": batch["global_batch_size"], "train_micro_batch_size_per_gpu": batch["micro_batch_size"],
+             "gradient_accumulation_steps": batch["grad_accum_steps"]}
+    if train is not None and "grad_clip" not in train_bad:
+        known["gradient_clipping"] = float(train.grad_clip)
+    prec = resolved_precision(train) if train is not None and "precision" not in train_bad else None
+    ds_config, ds_problems = _resolve_ds_config(ds_config, known, prec, str(ds_resolved))
+    problems.extend(ds_problems)
+    return ds_resolved, ds_config
+
+
+def _json_type(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(v), "a number")
+
+
+def _ds_shape_problems(ds: Dict[str, Any], where: str) -> List[Tuple[str, str]]:
+    """Sections that must be JSON objects and are not; a ZeRO stage that is not 0-3."""
+    out = []
+    for key in DS_OBJECT_SECTIONS:
+        if key in ds and not isinstance(ds[key], dict):
+            out.append((f"deepspeed:{key}", f"{where}: \"{key}\" must be a JSON object (e.g. {{\"enabled\": ...}}), "
+                        f"got {_json_type(ds[key])} {json.dumps(ds[key])}; fix the JSON"))
+    zero = ds.get("zero_optimization")
+    if isinstance(zero, dict) and "stage" in zero:
+        st = zero["stage"]
+        if isinstance(st, bool) or not isinstance(st, int) or not 0 <= st <= 3:
+            out.append(("deepspeed:zero_optimization.stage", f"{where}: stage {json.dumps(st)} must be 0, 1, 2 or 3"))
+    return out
 
 
 def resolved_precision(train: TrainConfig) -> str:
@@ -548,19 +755,15 @@ def resolved_precision(train: TrainConfig) -> str:
     return "bf16" if torch.cuda.is_available() else "fp32"
 
 
-def _resolve_ds_config(ds: Dict[str, Any], train: TrainConfig, where: str):
-    """Fill/check the DeepSpeed JSON against the YAML. Returns (resolved dict, problems)."""
+def _resolve_ds_config(ds: Dict[str, Any], known: Dict[str, Any], prec: Optional[str], where: str):
+    """Fill/check the DeepSpeed JSON against the YAML. ``known`` maps DeepSpeed batch/clip
+    keys to the YAML's values (None: unknown because the YAML value is wrong, not checked); ``prec`` is
+    the resolved precision or None. Returns (resolved dict, problems)."""
     ds = copy.deepcopy(ds)
     problems = []
-    want = {
-        "train_batch_size": train.global_batch_size,
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": train.grad_accum_steps,
-        "gradient_clipping": float(train.grad_clip),
-    }
-    for key, value in want.items():
+    for key, value in known.items():
         have = ds.get(key, "auto")
-        if have != "auto" and have != value:
+        if value is not None and have != "auto" and have != value:
             problems.append((f"deepspeed:{key}", f"{where} says {have} but the run config gives {value}; "
                              "remove it from the JSON (or set it to \"auto\"): the YAML is the source of truth"))
         ds[key] = value
@@ -568,11 +771,11 @@ def _resolve_ds_config(ds: Dict[str, Any], train: TrainConfig, where: str):
         if key in ds:
             problems.append((f"deepspeed:{key}", f"{where} has a '{key}' section; the optimizer (AdamW) and the "
                              "warmup+cosine schedule are set in the YAML `train` section, remove it"))
-    prec = resolved_precision(train)
-    if ds.get("fp16", {}).get("enabled") is True:
+    fp16 = ds.get("fp16")
+    if isinstance(fp16, dict) and fp16.get("enabled") is True:
         problems.append(("deepspeed:fp16", f"{where} enables fp16; use train.precision: bf16 or fp32"))
-    bf16 = ds.get("bf16", {})
-    if bf16.get("enabled", "auto") not in ("auto", prec == "bf16"):
+    bf16 = ds.get("bf16") if isinstance(ds.get("bf16"), dict) else {}  # another shape was reported already
+    if prec is not None and bf16.get("enabled", "auto") not in ("auto", prec == "bf16"):
         problems.append(("deepspeed:bf16.enabled", f"{where} says {bf16.get('enabled')} but train.precision "
                          f"resolves to {prec}; set it to \"auto\" or remove it"))
     ds["bf16"] = {**bf16, "enabled": prec == "bf16"}

@@ -459,6 +459,8 @@ def train(cfg: RunConfig, resume: Optional[str] = None, overwrite: bool = False)
         dist.barrier()
         monitor.console(f"[llp-pretrain] saved checkpoint {tag_dir}")
 
+    save = ckpt.reporting_full_disk(save, ckpt_dir)  # a full disk: one clear line, `latest` unchanged
+
     signals = _Signals()
     pause_after = int(os.environ.get(PAUSE_ENV, "-1"))
     t_start = time.time()

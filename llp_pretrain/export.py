@@ -22,10 +22,11 @@ import torch
 from llp_pretrain import checkpoint as ckpt
 
 __all__ = ["resolve_checkpoint", "load_checkpoint_weights", "export_checkpoint", "load_exported_weights",
-           "load_model", "find_tokenizer"]
+           "load_model", "find_tokenizer", "tokenizer_hashes"]
 
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model_config.json"
+HASHES = "hashes.json"  # tokenizer/dataset sha256 of the run, next to exported weights
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -97,19 +98,51 @@ def find_tokenizer(tag_dir: Path):
     return None
 
 
+def tokenizer_hashes(path: str | os.PathLike) -> set:
+    """sha256 digests of the ``tokenizer.model`` a checkpoint or exported directory was trained with:
+    from ``run_meta.json`` ``hashes`` (checkpoints), ``hashes.json`` (exports) or, for an export
+    without one, its ``tokenizer.model``. Empty when none is recorded."""
+    p = Path(path)
+    exported = (p / WEIGHTS).is_file() and (p / MODEL_CONFIG).is_file()
+    if exported:
+        rec = json.loads((p / HASHES).read_text()) if (p / HASHES).is_file() else {}
+    else:
+        rec = ckpt.read_meta(resolve_checkpoint(p)).get("hashes") or {}
+    out = {v for k, v in rec.items() if k in ("tokenizer_sha256", "tokenizer_manifest_sha256") and isinstance(v, str)}
+    if not out and exported and (p / "tokenizer.model").is_file():
+        from data_prep.tokenizer import file_sha256
+
+        out = {file_sha256(p / "tokenizer.model")}
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write ``OUT/model.safetensors`` (fp32, every tensor full-shape), ``OUT/model_config.json`` and,
-    when the run has one, ``OUT/tokenizer.model``. Returns ``OUT``."""
+    """Write ``OUT/model.safetensors`` (fp32, every tensor full-shape), ``OUT/model_config.json``,
+    ``OUT/hashes.json`` (the tokenizer/dataset sha256 the run recorded) and, when the run has one,
+    ``OUT/tokenizer.model``, with the usual permissions (``0666 & ~umask``). Returns ``OUT``.
+
+    Raises ``FileExistsError`` when ``OUT`` is an existing file (before any work)."""
     from safetensors.torch import save_file
 
-    state, model_cfg, tag_dir = load_checkpoint_weights(path)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory; give a new or existing directory as OUT")
+    state, model_cfg, tag_dir = load_checkpoint_weights(path)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     tmp = out / f".{WEIGHTS}.tmp"
     save_file(tensors, str(tmp), metadata={"source": str(tag_dir), "format": "pt"})
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its file 0600
     os.replace(tmp, out / WEIGHTS)
     ckpt.write_json_atomic(out / MODEL_CONFIG, model_cfg)
+    hashes = ckpt.read_meta(tag_dir).get("hashes") or {}
+    ckpt.write_json_atomic(out / HASHES, {k: v for k, v in hashes.items() if isinstance(v, str)})
     tok = find_tokenizer(tag_dir)
     if tok is not None:
         shutil.copyfile(tok, out / ".tokenizer.model.tmp")

@@ -16,7 +16,8 @@ __all__ = ["prepare_dataset"]
 def prepare_dataset(out: Path, seq_len: int, *, corpus: Optional[Sequence[str]] = None, vocab_size: int = 2000,
                     model_type: str = "bpe", doc_sep: str = "blank-line", val_fraction: float = 0.02,
                     samples_per_shard: int = 1000, max_sentences: int = 1_000_000,
-                    log: Callable[[str], None] = lambda msg: print(msg, flush=True)) -> Dict[str, Path]:
+                    log: Callable[[str], None] = lambda msg: print(msg, flush=True),
+                    progress: bool = False) -> Dict[str, Path]:
     """Build (or reuse) ``out/tokenizer/tokenizer.model`` and ``out/shards/`` for ``seq_len``.
 
     Args:
@@ -26,6 +27,7 @@ def prepare_dataset(out: Path, seq_len: int, *, corpus: Optional[Sequence[str]] 
         vocab_size, model_type: SentencePiece settings (pieces, ``bpe``/``unigram``).
         doc_sep: ``blank-line`` (paragraphs/chapters as documents) or ``file``.
         val_fraction: expected fraction of documents held out as ``val``.
+        progress: show ``data_prep``'s progress bars (stderr) while training the tokenizer and sharding.
 
     Returns:
         ``{"tokenizer": path of tokenizer.model, "shards": shard directory}``.
@@ -42,7 +44,7 @@ def prepare_dataset(out: Path, seq_len: int, *, corpus: Optional[Sequence[str]] 
     if not model.is_file():
         log(f"training a {vocab_size}-piece SentencePiece {model_type} tokenizer on {', '.join(inputs)}")
         train_tokenizer(inputs, str(tok_dir), vocab_size=vocab_size, model_type=model_type,
-                        max_sentences=max_sentences, read_options=opts)
+                        max_sentences=max_sentences, read_options=opts, quiet=not progress)
     else:
         log(f"tokenizer exists: {model}")
     sha = json.loads((tok_dir / "tokenizer.json").read_text())["sha256"]
@@ -56,5 +58,6 @@ def prepare_dataset(out: Path, seq_len: int, *, corpus: Optional[Sequence[str]] 
     else:
         log(f"sharding at seq_len {seq_len} into {shard_dir}")
         build_shards(inputs, str(model), str(shard_dir), seq_len=seq_len, val_fraction=val_fraction,
-                     samples_per_shard=samples_per_shard, read_options=opts, workers=1, overwrite=True)
+                     samples_per_shard=samples_per_shard, read_options=opts, workers=1, overwrite=True,
+                     quiet=not progress)
     return {"tokenizer": model, "shards": shard_dir}

@@ -78,8 +78,12 @@ def test_compare_outputs_match_tensorboard(compare_run):
         assert math.isclose(row["val_ppl"], tb["eval/ppl"][4], rel_tol=1e-6)
         assert math.isclose(row["val_ppl"], math.exp(row["val_loss"]), rel_tol=1e-5)
         assert math.isclose(row["val_bits_per_byte"], tb["eval/bits_per_byte"][4], rel_tol=1e-6)
-        assert math.isclose(row["step_time_s"], statistics.median(tb["train/step_time"].values()), rel_tol=1e-6)
-        assert math.isclose(row["tokens_per_sec"], statistics.median(tb["train/tokens_per_sec"].values()),
+        # step time and throughput leave out the first log interval (warm-up): log_interval is capped
+        # at steps/10 -> 1 here, so the intervals are the steps 2..4
+        assert sorted(tb["train/step_time"]) == [1, 2, 3, 4]
+        steady = [tb["train/step_time"][s] for s in (2, 3, 4)]
+        assert math.isclose(row["step_time_s"], statistics.median(steady), rel_tol=1e-6)
+        assert math.isclose(row["tokens_per_sec"], statistics.median(tb["train/tokens_per_sec"][s] for s in (2, 3, 4)),
                             rel_tol=1e-6)
         assert math.isclose(row["final_train_loss"], tb["train/loss"][4], rel_tol=1e-6)
         assert f"{row['val_ppl']:.3f}" in md
@@ -117,8 +121,35 @@ def test_compare_figures_have_expected_lines(tmp_path):
     assert [l.get_label() for l in train_ax.get_lines()] == ["a", "b", "c"]
     assert [l.get_label() for l in val_ax.get_lines()] == ["a", "b"]  # no empty line for c
     assert list(train_ax.get_lines()[1].get_ydata()) == [3.1, 2.4]
+    # the validation panel shares the train panel's loss axis (no zoom into its own narrow range) and
+    # states the final values and their spread
+    assert val_ax.get_ylim() == train_ax.get_ylim()
+    assert val_ax.get_ylim()[1] - val_ax.get_ylim()[0] > 0.5
+    note = "\n".join(t.get_text() for t in val_ax.texts)
+    assert "a: 2.7000" in note and "b: 2.6000" in note and "spread 0.1000 nats" in note
+    series = json.loads(Image.open(tmp_path / "l.png").info["llp-pretrain:series"])
+    assert series["val_spread"] == pytest.approx(0.1)
     fig = plot_cost({"a": [(64, 0.1), (128, 0.3)], "b": [(64, 0.2)]}, tmp_path / "c.png")
     assert len(fig.axes[0].get_lines()) == 2
+
+
+def test_steady_step_time_leaves_out_the_warm_up_interval():
+    from llp_pretrain.compare import steady_median
+
+    # a first interval of 3.2 s/step (warm-up) against 0.058 s/step later: the warm-up is not reported
+    assert steady_median([(10, 3.2), (20, 0.058), (30, 0.06), (40, 0.057)]) == pytest.approx(0.058)
+    assert steady_median([(20, 0.058), (10, 3.2)]) == pytest.approx(0.058)  # order of the pairs does not matter
+    assert steady_median([(10, 3.2)]) is None  # nothing after the warm-up: n/a, not the warm-up time
+
+
+def test_compare_yaml_with_duplicate_keys_is_refused(tmp_path):
+    from llp_pretrain.compare import load_compare_config
+    from llp_pretrain.config import ConfigError
+
+    p = tmp_path / "c.yaml"
+    p.write_text("compare:\n  variants: [gpt]\n  variants: [llp]\nmodel: {}\n")
+    with pytest.raises(ConfigError, match=r"line 3.*duplicate key 'variants' \(first given at line 2\)"):
+        load_compare_config(p)
 
 
 def test_compare_rejects_unknown_variant(tmp_path):

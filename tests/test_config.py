@@ -178,3 +178,63 @@ def test_set_override_errors_are_attributed_to_set_not_a_yaml_line(ds, tmp_path)
     assert "train.max_step (--set)" in locs and "did you mean 'max_steps'" in locs["train.max_step (--set)"]
     assert any(loc.startswith("train.lr") and loc.endswith("(--set)") for loc in locs)
     assert not any("(line" in loc for loc in locs)
+
+
+def test_seventeen_problems_come_in_one_round(ds, tmp_path):
+    """Wrong fields do not hide the checks of their neighbours: cross-field rules, the model's own
+    combination checks and the DeepSpeed JSON are checked next to wrong fields of the same section,
+    and malformed --set items are reported together with everything else."""
+    js = tmp_path / "ds.json"
+    js.write_text(json.dumps({"fp16": True, "zero_optimization": {"stage": 7}, "optimizer": {"type": "Adam"},
+                              "train_micro_batch_size_per_gpu": 7}))
+    (tmp_path / "afile").write_text("x")
+    raw = tiny_run_config(ds, tmp_path / "afile", deepspeed=str(js),
+                          model={"n_layers": "two", "segment_len": 5, "vocab_size": 20},
+                          data={"shuffle_buffer": 0, "num_workers": 4},
+                          train={"max_steps": "many", "lr": 1e-3, "min_lr": 1e-2, "micro_batch_size": 3,
+                                 "global_batch_size": 8},
+                          parallel={"sequence_parallel_size": 1})
+    raw["tarin"] = {}
+    path = tmp_path / "many.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(ConfigError) as ei:
+        load_config(path, overrides=["train.warmup_steps", "model.d_model=[1", "train.eps=-1"], world_size=2)
+    got = [(loc.split(" (")[0], msg) for loc, msg in ei.value.problems]
+    text = str(ei.value)
+    expected = {
+        "--set train.warmup_steps": "expected key.sub=value",            # malformed --set items ...
+        "--set model.d_model=[1": "value is not valid YAML",
+        "train.eps": "greater than 0",                                    # ... do not hide a valid one
+        "tarin": "did you mean 'train'",
+        "run.output_dir": "exists and is not a directory",
+        "model.n_layers": "valid integer",
+        "model": "seq_len (16) must be a multiple of segment_len (5)",   # the model's own check, n_layers wrong
+        "model.vocab_size": "smaller than the tokenizer's piece count 50",
+        "data.shuffle_buffer": "greater than or equal to 1",
+        "data.num_workers": "2 train shard(s) cannot feed",              # cross check, shuffle_buffer wrong
+        "train.max_steps": "valid integer",
+        "train.global_batch_size": "not a multiple of micro_batch_size",  # cross check, max_steps wrong
+        "train.min_lr": "0.01 is above train.lr 0.001",
+        "deepspeed:fp16": '"fp16" must be a JSON object',
+        "deepspeed:zero_optimization.stage": "stage 7 must be 0, 1, 2 or 3",
+        "deepspeed:optimizer": "has a 'optimizer' section",
+        "deepspeed:train_micro_batch_size_per_gpu": "says 7 but the run config gives 3",
+    }
+    for loc, needle in expected.items():
+        assert any(l == loc and needle in m for l, m in got), (loc, needle, text)
+    assert len(got) == len(expected) == 17, text
+    assert "(line " in text and "(--set)" in text
+
+
+def test_model_combination_problem_is_not_invented_from_a_stand_in(ds, tmp_path):
+    # d_model is wrong: the head-width checks (which need it) are not run with a stand-in value
+    raw = tiny_run_config(ds, tmp_path / "run", model={"d_model": "wide", "n_heads": 3})
+    with pytest.raises(ConfigError) as ei:
+        load_config(raw=raw)
+    assert [loc for loc, _ in ei.value.problems] == ["model.d_model"]
+    # n_layers is wrong (a stand-in is safe for it): the head-width check still runs
+    raw = tiny_run_config(ds, tmp_path / "run", model={"n_layers": 0, "n_heads": 3})
+    with pytest.raises(ConfigError) as ei:
+        load_config(raw=raw)
+    msgs = dict(ei.value.problems)
+    assert "model.n_layers" in msgs and "d_model (32) must be divisible by n_heads (3)" in msgs["model"]
