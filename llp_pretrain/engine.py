@@ -372,7 +372,8 @@ def train(cfg: RunConfig, resume: Optional[str] = None) -> TrainResult:
 
     accum = t.grad_accum_steps
     stream = TrainStream(cfg.data.path, d.dp_size, d.dp_rank, cfg.data.num_workers, t.micro_batch_size, t.seed,
-                         cfg.data.shuffle_buffer, consumed_batches=step * accum, manifest=cfg.manifest)
+                         cfg.data.shuffle_buffer, consumed_batches=step * accum, manifest=cfg.manifest,
+                         verify_checksums=cfg.data.verify_checksums, on_corrupt=cfg.data.on_corrupt)
     prec = resolved_precision(t)
     # measured before the loader's workers start, so they do not compete with the measurement
     peak = t.peak_flops or measure_peak_flops(d.device, torch.bfloat16 if prec == "bf16" and d.device.type == "cuda"
@@ -401,7 +402,8 @@ def train(cfg: RunConfig, resume: Optional[str] = None) -> TrainResult:
             tlen = trained.stop - trained.start
             try:
                 stream_np = read_split_stream(cfg.data.path, "val", cfg.manifest,
-                                              max_samples=cfg.data.val_samples + 1)
+                                              max_samples=cfg.data.val_samples + 1,
+                                              verify_checksums=cfg.data.verify_checksums)
                 plan = window_plan(len(stream_np), seq_len, tlen, tlen)[: cfg.data.val_samples]
             except (DataLayoutError, ValueError) as e:  # same data on every rank: all skip together
                 monitor.console(f"[llp-pretrain] warning: no validation during training ({e})")
