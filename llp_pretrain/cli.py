@@ -198,6 +198,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"llp-pretrain {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from llp_pretrain.engine import DistributedInitError
+
+        if not isinstance(e, DistributedInitError):
+            raise
+        print(f"llp-pretrain {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

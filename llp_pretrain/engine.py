@@ -23,6 +23,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -67,13 +68,69 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: seconds the process-group initialisation may take before the process gives up with a message
+#: (environment variable ``LLP_DIST_INIT_TIMEOUT_S`` overrides)
+DIST_INIT_TIMEOUT_S = 300.0
+
+
+class DistributedInitError(RuntimeError):
+    """The default process group could not be formed; the message (one line) says what was awaited."""
+
+
+def _init_process_group(backend: str, rank: int, world: int, timeout_s: float) -> None:
+    """``torch.distributed`` + DeepSpeed comm initialisation that cannot hang and never reuses
+    another attempt's rendezvous keys.
+
+    Under torchrun (``TORCHELASTIC_USE_AGENT_STORE=True``) the workers share the agent's TCPStore,
+    which outlives a worker restart (``--max-restarts``): a restarted worker could read the dead
+    attempt's gloo addresses from it (``connectFullMesh ... Connection refused``, or a hang). So the
+    keys are put under ``llp/attempt<TORCHELASTIC_RESTART_COUNT>``. A watchdog ends the process
+    (status 1, one line naming ``MASTER_ADDR:MASTER_PORT`` and the world size) if the
+    initialisation has not finished after ``timeout_s`` seconds; failures raise
+    :class:`DistributedInitError` with the same information."""
+    from datetime import timedelta
+    import threading
+
+    import deepspeed
+    import torch.distributed as dist
+
+    addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+    what = (f"rank {rank}: {backend} process-group initialisation waited for {world} process(es) at "
+            f"MASTER_ADDR:MASTER_PORT={addr}:{port}")
+    advice = (f"check that all {world} ranks were started and can reach {addr}:{port} (same MASTER_ADDR/MASTER_PORT "
+              f"and world size everywhere, no firewall), or raise LLP_DIST_INIT_TIMEOUT_S")
+
+    def give_up() -> None:
+        print(f"[llp-pretrain] error: {what} for {timeout_s:.0f} s and gave up; {advice}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    watchdog = threading.Timer(timeout_s, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            store = dist.TCPStore(addr, int(port), world, False, timedelta(seconds=timeout_s))
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(backend, store=dist.PrefixStore(f"llp/attempt{attempt}", store), rank=rank,
+                                    world_size=world)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # wraps an existing group
+    except Exception as e:  # a refused connection, a store timeout, ...
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DistributedInitError(f"{what} and failed ({type(e).__name__}: {msg}); {advice}") from None
+    finally:
+        watchdog.cancel()
+
+
 def setup_distributed(sequence_parallel_size: int = 1) -> DistInfo:
     """Initialise the default process group (idempotent) and return the layout.
 
     Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``; when ``RANK`` is
     unset, sets up a single process (127.0.0.1, a free port). Backend: NCCL with CUDA, else gloo.
-    Raises ``ValueError`` if the world size is not a multiple of ``sequence_parallel_size``."""
-    import deepspeed
+    Initialisation is bounded by ``LLP_DIST_INIT_TIMEOUT_S`` (default :data:`DIST_INIT_TIMEOUT_S`)
+    and safe across torchrun worker restarts (:func:`_init_process_group`).
+    Raises ``ValueError`` if the world size is not a multiple of ``sequence_parallel_size`` or
+    ``LLP_DIST_INIT_TIMEOUT_S`` is not a positive number, :class:`DistributedInitError` if the group
+    cannot be formed."""
     import torch.distributed as dist
 
     if "RANK" not in os.environ:
@@ -83,6 +140,13 @@ def setup_distributed(sequence_parallel_size: int = 1) -> DistInfo:
     os.environ.setdefault("LOCAL_RANK", "0")
     rank, world = int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ["LOCAL_RANK"])
+    raw_timeout = os.environ.get("LLP_DIST_INIT_TIMEOUT_S", str(DIST_INIT_TIMEOUT_S))
+    try:
+        timeout_s = float(raw_timeout)
+    except ValueError:
+        timeout_s = -1.0
+    if not timeout_s > 0:
+        raise ValueError(f"LLP_DIST_INIT_TIMEOUT_S={raw_timeout!r} is not a positive number of seconds")
     cuda = torch.cuda.is_available()
     if cuda:
         # with one visible GPU per task (SLURM --gpus-per-task=1, CUDA_VISIBLE_DEVICES) LOCAL_RANK can
@@ -93,7 +157,7 @@ def setup_distributed(sequence_parallel_size: int = 1) -> DistInfo:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
+        _init_process_group("nccl" if cuda else "gloo", rank, world, timeout_s)
     if world % sequence_parallel_size:
         raise ValueError(f"world size {world} is not a multiple of parallel.sequence_parallel_size "
                          f"{sequence_parallel_size}")
