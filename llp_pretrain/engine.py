@@ -85,9 +85,9 @@ def _init_process_group(backend: str, rank: int, world: int, timeout_s: float) -
     which outlives a worker restart (``--max-restarts``): a restarted worker could read the dead
     attempt's gloo addresses from it (``connectFullMesh ... Connection refused``, or a hang). So the
     keys are put under ``llp/attempt<TORCHELASTIC_RESTART_COUNT>``. A watchdog ends the process
-    (status 1, one line naming ``MASTER_ADDR:MASTER_PORT`` and the world size) if the
-    initialisation has not finished after ``timeout_s`` seconds; failures raise
-    :class:`DistributedInitError` with the same information."""
+    (status 1, one line naming ``MASTER_ADDR:MASTER_PORT`` and the world size) if the rendezvous
+    has not finished after ``timeout_s`` seconds; failures raise :class:`DistributedInitError`
+    with the same information. DeepSpeed's comm layer then wraps the group."""
     from datetime import timedelta
     import threading
 
@@ -104,6 +104,8 @@ def _init_process_group(backend: str, rank: int, world: int, timeout_s: float) -
         print(f"[llp-pretrain] error: {what} for {timeout_s:.0f} s and gave up; {advice}", file=sys.stderr, flush=True)
         os._exit(1)
 
+    # the watchdog covers the rendezvous only: DeepSpeed's set-up below may JIT-build an op under a
+    # file lock, which must not be killed half-way
     watchdog = threading.Timer(timeout_s, give_up)
     watchdog.daemon = True
     watchdog.start()
@@ -113,12 +115,14 @@ def _init_process_group(backend: str, rank: int, world: int, timeout_s: float) -
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             dist.init_process_group(backend, store=dist.PrefixStore(f"llp/attempt{attempt}", store), rank=rank,
                                     world_size=world)
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # wraps an existing group
+        else:
+            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world)
     except Exception as e:  # a refused connection, a store timeout, ...
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DistributedInitError(f"{what} and failed ({type(e).__name__}: {msg}); {advice}") from None
     finally:
         watchdog.cancel()
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # wraps the group formed above
 
 
 def setup_distributed(sequence_parallel_size: int = 1) -> DistInfo:
