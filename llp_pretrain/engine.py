@@ -93,6 +93,7 @@ def _init_process_group(backend: str, rank: int, world: int, timeout_s: float) -
 
     import deepspeed
     import torch.distributed as dist
+    from deepspeed.constants import default_pg_timeout as collective_timeout  # DEEPSPEED_TIMEOUT minutes
 
     addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
     what = (f"rank {rank}: {backend} process-group initialisation waited for {world} process(es) at "
@@ -114,9 +115,10 @@ def _init_process_group(backend: str, rank: int, world: int, timeout_s: float) -
             store = dist.TCPStore(addr, int(port), world, False, timedelta(seconds=timeout_s))
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             dist.init_process_group(backend, store=dist.PrefixStore(f"llp/attempt{attempt}", store), rank=rank,
-                                    world_size=world)
+                                    world_size=world, timeout=collective_timeout)
         else:
-            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world)
+            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
+                                    timeout=collective_timeout)
     except Exception as e:  # a refused connection, a store timeout, ...
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DistributedInitError(f"{what} and failed ({type(e).__name__}: {msg}); {advice}") from None
