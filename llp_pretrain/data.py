@@ -167,17 +167,19 @@ def check_sample(sample: Dict, spec: SampleSpec, shard: str, index: Optional[int
     fix = "run `llp-prep verify` on the dataset, then re-create or restore the shard"
     raw = sample.get("tokens.npy")
     if not isinstance(raw, bytes):
-        raise CorruptDataError(f"{where}: has no tokens.npy (members: {sorted(k for k in sample if not k.startswith('__'))}); {fix}")
+        members = sorted(k for k in sample if not k.startswith("__"))
+        raise CorruptDataError(f"{where}: has no tokens.npy (members: {members}); {fix}")
     try:
         arr = np.load(io.BytesIO(raw), allow_pickle=False)
     except Exception as e:  # numpy raises ValueError, EOFError, OSError, ... for damaged .npy bytes
-        raise CorruptDataError(f"{where}: tokens.npy does not decode ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {fix}") from None
+        raise CorruptDataError(f"{where}: tokens.npy does not decode ({_first_line(e)}); {fix}") from None
     if arr.dtype != spec.dtype or arr.shape != (spec.seq_len + 1,):
         raise CorruptDataError(f"{where}: tokens.npy is {arr.dtype}{list(arr.shape)}, the manifest says "
                                f"{spec.dtype}[{spec.seq_len + 1}]; {fix}")
     top = int(arr.max(initial=0))
     if top >= spec.vocab:
-        raise CorruptDataError(f"{where}: token id {top} >= vocabulary size {spec.vocab} (tokenizer.piece_count); {fix}")
+        raise CorruptDataError(f"{where}: token id {top} >= vocabulary size {spec.vocab} (tokenizer.piece_count); "
+                               f"{fix}")
     if spec.verify_checksums:
         _check_sample_json(sample.get("json"), arr, where, index, fix)
     return arr
@@ -200,6 +202,11 @@ def _check_sample_json(raw: Optional[bytes], arr: np.ndarray, where: str, index:
     if index is not None and meta.get("index") != index:
         raise CorruptDataError(f"{where}: json says index {meta.get('index')!r}, expected {index} from the manifest "
                                f"(samples reordered, duplicated or from another shard); {fix}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def _warn(msg: str) -> None:
@@ -236,9 +243,8 @@ def read_shard(shard: ShardInfo, spec: SampleSpec, on_corrupt: str = "fail", fir
             break
         except Exception as e:  # tarfile / webdataset / OS errors: the rest of the shard is unreadable
             after = f"after sample {last_key}" if last_key else "before its first sample"
-            bad(f"shard {shard.name}: truncated or corrupt tar {after} ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}); run `llp-prep verify` on the dataset, then re-create "
-                f"or restore the shard", max(0, shard.samples - n))
+            bad(f"shard {shard.name}: truncated or corrupt tar {after} ({_first_line(e)}); run `llp-prep verify` "
+                "on the dataset, then re-create or restore the shard", max(0, shard.samples - n))
             return
         n += 1
         last_key = sample.get("__key__")

@@ -120,7 +120,7 @@ def _init_process_group(backend: str, rank: int, world: int, timeout_s: float) -
             dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
                                     timeout=collective_timeout)
     except Exception as e:  # a refused connection, a store timeout, ...
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise DistributedInitError(f"{what} and failed ({type(e).__name__}: {msg}); {advice}") from None
     finally:
         watchdog.cancel()

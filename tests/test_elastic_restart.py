@@ -137,8 +137,9 @@ def test_process_group_init_times_out_with_what_it_waited_for(tmp_path):
     p, took = _init_only({**common, "RANK": "1", "TORCHELASTIC_USE_AGENT_STORE": "True",
                           "TORCHELASTIC_RESTART_COUNT": "1"})
     assert p.returncode == 1, p.stderr[-2000:]
-    assert f"rank 1: gloo process-group initialisation waited for 2 process(es) at MASTER_ADDR:MASTER_PORT=127.0.0.1:{port}" \
-        in p.stderr, p.stderr[-2000:]
+    what = ("rank 1: gloo process-group initialisation waited for 2 process(es) at "
+            f"MASTER_ADDR:MASTER_PORT=127.0.0.1:{port}")
+    assert what in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr, p.stderr[-2000:]
     # a bad timeout value is named
     p, _ = _init_only({**common, "RANK": "0", "LLP_DIST_INIT_TIMEOUT_S": "soon"})
