@@ -71,5 +71,21 @@ llp_is_local_host() {
   return 1
 }
 
+# Sets the array TRAIN_ARGS to its arguments plus `--resume auto` unless they already choose
+# (--resume X, --resume=X or --overwrite): a launcher restarting a job, or torchrun restarting a
+# worker (--max-restarts), must continue the run directory's last checkpoint, never replay it from
+# step 0 (with no checkpoint yet, `--resume auto` starts fresh).
+llp_with_resume() {
+  TRAIN_ARGS=("$@")
+  local a
+  for a in "$@"; do
+    case "$a" in --resume|--resume=*|--overwrite) return 0;; esac
+  done
+  TRAIN_ARGS+=(--resume auto)
+}
+
+# Checks a torchrun --max-restarts value.
+llp_check_restarts() { llp_is_uint "$1" || llp_die "--max-restarts must be a non-negative integer, got '$1'"; }
+
 # The default torchrun: the module of the chosen Python, so it matches the training interpreter.
 llp_torchrun() { "$PYTHON" -m torch.distributed.run "$@"; }

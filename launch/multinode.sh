@@ -11,7 +11,8 @@
 #
 #   --master-port P     rendezvous TCP port on the master, same on every node (default 29500)
 #   --nproc-per-node K  processes on this node (default: number of GPUs, or 1 on CPU)
-#   TRAIN_ARGS          passed to `llp-pretrain train` after --config (e.g. --resume auto)
+#   TRAIN_ARGS          passed to `llp-pretrain train` after --config; `--resume auto` is added
+#                       unless they hold --resume or --overwrite (a relaunch continues the run)
 #
 # Environment: LLP_VENV, LLP_PYTHON, LLP_TRAIN_CMD, LLP_GPUS (launch/lib.sh); LLP_SSH (default
 # "ssh -o BatchMode=yes"); variables named LLP_*, NCCL_*, GLOO_*, TORCH_*, OMP_NUM_THREADS and
@@ -47,6 +48,7 @@ llp_is_uint "$PORT" && [ "$PORT" -ge 1 ] && [ "$PORT" -le 65535 ] || llp_die "--
 llp_setup_python
 CONFIG=$("$PYTHON" -m llp_pretrain.launch_utils config-path "$CONFIG") || exit 2
 CONFIG_ABS=$CONFIG
+llp_with_resume "${TRAIN_ARGS[@]}"
 
 # ---------------------------------------------------------------- hostfile: fan out to every host
 if [ -n "$HOSTFILE" ]; then

@@ -3,13 +3,18 @@
 # deepspeed launcher; one plain process when N=1. gloo on CPU, NCCL on GPU (the engine picks it from
 # the device; this script only reports it).
 #
-#   launch/train.sh CONFIG [--nproc N] [--launcher torchrun|deepspeed] [--master-port P] [-- TRAIN_ARGS...]
+#   launch/train.sh CONFIG [--nproc N] [--launcher torchrun|deepspeed] [--master-port P]
+#                   [--max-restarts R] [-- TRAIN_ARGS...]
 #
 #   CONFIG          run YAML (configs/*.yaml)
 #   --nproc N       processes on this node (default: number of GPUs, or 1 on CPU)
 #   --launcher L    torchrun (default) or deepspeed
 #   --master-port P rendezvous port (default: a free port, torchrun --standalone)
-#   TRAIN_ARGS      passed to `llp-pretrain train` after --config, e.g. --set train.max_steps=100 --resume auto
+#   --max-restarts R  torchrun restarts all workers up to R times after one fails (default 0); they
+#                   resume from the last checkpoint
+#   TRAIN_ARGS      passed to `llp-pretrain train` after --config, e.g. --set train.max_steps=100.
+#                   `--resume auto` is added unless TRAIN_ARGS hold --resume or --overwrite, so a
+#                   rerun (or a restarted worker) continues the run instead of replaying it.
 #
 # Environment: LLP_VENV, LLP_PYTHON, LLP_TRAIN_CMD, LLP_GPUS (see launch/lib.sh).
 # Prints the world layout and refuses layouts the config cannot run, before starting training.
@@ -20,7 +25,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 
-CONFIG="" NPROC="" LAUNCHER=torchrun PORT=""
+CONFIG="" NPROC="" LAUNCHER=torchrun PORT="" RESTARTS=0
 TRAIN_ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -30,6 +35,8 @@ while [ $# -gt 0 ]; do
     --launcher=*) LAUNCHER=${1#*=}; shift;;
     --master-port) PORT=${2:?--master-port needs a port}; shift 2;;
     --master-port=*) PORT=${1#*=}; shift;;
+    --max-restarts) RESTARTS=${2:?--max-restarts needs a number}; shift 2;;
+    --max-restarts=*) RESTARTS=${1#*=}; shift;;
     -h|--help) usage; exit 0;;
     --) shift; TRAIN_ARGS=("$@"); break;;
     -*) llp_die "unknown option $1 (training arguments go after --; see --help)";;
@@ -40,6 +47,8 @@ done
 [ -n "$CONFIG" ] || { usage >&2; llp_die "missing CONFIG"; }
 case "$LAUNCHER" in torchrun|deepspeed) ;; *) llp_die "--launcher must be torchrun or deepspeed, got '$LAUNCHER'";; esac
 [ -z "$PORT" ] || llp_is_uint "$PORT" || llp_die "--master-port must be a number, got '$PORT'"
+llp_check_restarts "$RESTARTS"
+llp_with_resume "${TRAIN_ARGS[@]}"
 
 llp_setup_python
 CONFIG=$("$PYTHON" -m llp_pretrain.launch_utils config-path "$CONFIG") || exit 2
@@ -74,5 +83,5 @@ if [ -n "$PORT" ]; then
 else
   RDZV=(--standalone)
 fi
-exec "$PYTHON" -m torch.distributed.run "${RDZV[@]}" --nnodes 1 --nproc-per-node "$NPROC" --no-python \
+exec "$PYTHON" -m torch.distributed.run "${RDZV[@]}" --nnodes 1 --nproc-per-node "$NPROC" --max-restarts "$RESTARTS" --no-python \
   "${TRAIN_CMD[@]}" --config "$CONFIG" "${TRAIN_ARGS[@]}"

@@ -387,6 +387,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as e:  # a full disk, an I/O error: not the user's input, but no traceback either
         print(f"llp-pretrain {args.command}: error: {_os_error_line(e)}", file=sys.stderr)
         return 1
+    except RuntimeError as e:
+        from llp_pretrain.engine import DistributedInitError
+
+        if not isinstance(e, DistributedInitError):
+            raise
+        print(f"llp-pretrain {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

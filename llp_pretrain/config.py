@@ -74,6 +74,11 @@ class DataConfig(_Strict):
     num_workers: int = Field(1, ge=0, description="dataloader worker processes per rank (0 = in-process)")
     shuffle_buffer: int = Field(1000, ge=1, description="samples held in each worker's shuffle buffer")
     val_samples: int = Field(64, ge=1, description="validation windows scored at each evaluation during training")
+    verify_checksums: bool = Field(
+        True, description="check each sample's tokens against the blake2b checksum llp-prep stored in its json")
+    on_corrupt: Literal["fail", "skip"] = Field(
+        "fail", description="a sample or shard that fails validation: fail = stop the run naming it; "
+                            "skip = log it, count it and go on without it (docs/training.md)")
 
 
 class TrainConfig(_Strict):

@@ -23,6 +23,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -69,13 +70,75 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: seconds the process-group initialisation may take before the process gives up with a message
+#: (environment variable ``LLP_DIST_INIT_TIMEOUT_S`` overrides)
+DIST_INIT_TIMEOUT_S = 300.0
+
+
+class DistributedInitError(RuntimeError):
+    """The default process group could not be formed; the message (one line) says what was awaited."""
+
+
+def _init_process_group(backend: str, rank: int, world: int, timeout_s: float) -> None:
+    """``torch.distributed`` + DeepSpeed comm initialisation that cannot hang and never reuses
+    another attempt's rendezvous keys.
+
+    Under torchrun (``TORCHELASTIC_USE_AGENT_STORE=True``) the workers share the agent's TCPStore,
+    which outlives a worker restart (``--max-restarts``): a restarted worker could read the dead
+    attempt's gloo addresses from it (``connectFullMesh ... Connection refused``, or a hang). So the
+    keys are put under ``llp/attempt<TORCHELASTIC_RESTART_COUNT>``. A watchdog ends the process
+    (status 1, one line naming ``MASTER_ADDR:MASTER_PORT`` and the world size) if the rendezvous
+    has not finished after ``timeout_s`` seconds; failures raise :class:`DistributedInitError`
+    with the same information. DeepSpeed's comm layer then wraps the group."""
+    from datetime import timedelta
+    import threading
+
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.constants import default_pg_timeout as collective_timeout  # DEEPSPEED_TIMEOUT minutes
+
+    addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+    what = (f"rank {rank}: {backend} process-group initialisation waited for {world} process(es) at "
+            f"MASTER_ADDR:MASTER_PORT={addr}:{port}")
+    advice = (f"check that all {world} ranks were started and can reach {addr}:{port} (same MASTER_ADDR/MASTER_PORT "
+              f"and world size everywhere, no firewall), or raise LLP_DIST_INIT_TIMEOUT_S")
+
+    def give_up() -> None:
+        print(f"[llp-pretrain] error: {what} for {timeout_s:.0f} s and gave up; {advice}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    # the watchdog covers the rendezvous only: DeepSpeed's set-up below may JIT-build an op under a
+    # file lock, which must not be killed half-way
+    watchdog = threading.Timer(timeout_s, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            store = dist.TCPStore(addr, int(port), world, False, timedelta(seconds=timeout_s))
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(backend, store=dist.PrefixStore(f"llp/attempt{attempt}", store), rank=rank,
+                                    world_size=world, timeout=collective_timeout)
+        else:
+            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
+                                    timeout=collective_timeout)
+    except Exception as e:  # a refused connection, a store timeout, ...
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DistributedInitError(f"{what} and failed ({type(e).__name__}: {msg}); {advice}") from None
+    finally:
+        watchdog.cancel()
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # wraps the group formed above
+
+
 def setup_distributed(sequence_parallel_size: int = 1) -> DistInfo:
     """Initialise the default process group (idempotent) and return the layout.
 
     Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``; when ``RANK`` is
     unset, sets up a single process (127.0.0.1, a free port). Backend: NCCL with CUDA, else gloo.
-    Raises ``ValueError`` if the world size is not a multiple of ``sequence_parallel_size``."""
-    import deepspeed
+    Initialisation is bounded by ``LLP_DIST_INIT_TIMEOUT_S`` (default :data:`DIST_INIT_TIMEOUT_S`)
+    and safe across torchrun worker restarts (:func:`_init_process_group`).
+    Raises ``ValueError`` if the world size is not a multiple of ``sequence_parallel_size`` or
+    ``LLP_DIST_INIT_TIMEOUT_S`` is not a positive number, :class:`DistributedInitError` if the group
+    cannot be formed."""
     import torch.distributed as dist
 
     if "RANK" not in os.environ:
@@ -85,6 +148,13 @@ def setup_distributed(sequence_parallel_size: int = 1) -> DistInfo:
     os.environ.setdefault("LOCAL_RANK", "0")
     rank, world = int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ["LOCAL_RANK"])
+    raw_timeout = os.environ.get("LLP_DIST_INIT_TIMEOUT_S", str(DIST_INIT_TIMEOUT_S))
+    try:
+        timeout_s = float(raw_timeout)
+    except ValueError:
+        timeout_s = -1.0
+    if not timeout_s > 0:
+        raise ValueError(f"LLP_DIST_INIT_TIMEOUT_S={raw_timeout!r} is not a positive number of seconds")
     cuda = torch.cuda.is_available()
     if cuda:
         # with one visible GPU per task (SLURM --gpus-per-task=1, CUDA_VISIBLE_DEVICES) LOCAL_RANK can
@@ -95,7 +165,7 @@ def setup_distributed(sequence_parallel_size: int = 1) -> DistInfo:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
+        _init_process_group("nccl" if cuda else "gloo", rank, world, timeout_s)
     if world % sequence_parallel_size:
         raise ValueError(f"world size {world} is not a multiple of parallel.sequence_parallel_size "
                          f"{sequence_parallel_size}")
@@ -371,7 +441,8 @@ def train(cfg: RunConfig, resume: Optional[str] = None, overwrite: bool = False)
     accum = t.grad_accum_steps
     stream = TrainStream(cfg.data.path, d.dp_size, d.dp_rank, cfg.data.num_workers, t.micro_batch_size, t.seed,
                          cfg.data.shuffle_buffer, consumed_batches=(step - data_start) * accum,
-                         manifest=cfg.manifest)
+                         manifest=cfg.manifest, verify_checksums=cfg.data.verify_checksums,
+                         on_corrupt=cfg.data.on_corrupt)
     prec = resolved_precision(t)
     # measured before the loader's workers start, so they do not compete with the measurement
     peak = t.peak_flops or measure_peak_flops(d.device, torch.bfloat16 if prec == "bf16" and d.device.type == "cuda"
@@ -405,7 +476,8 @@ def train(cfg: RunConfig, resume: Optional[str] = None, overwrite: bool = False)
             tlen = trained.stop - trained.start
             try:
                 stream_np = read_split_stream(cfg.data.path, "val", cfg.manifest,
-                                              max_samples=cfg.data.val_samples + 1)
+                                              max_samples=cfg.data.val_samples + 1,
+                                              verify_checksums=cfg.data.verify_checksums)
                 plan = window_plan(len(stream_np), seq_len, tlen, tlen)[: cfg.data.val_samples]
             except (DataLayoutError, ValueError) as e:  # same data on every rank: all skip together
                 monitor.console(f"[llp-pretrain] warning: no validation during training ({e})")

@@ -6,6 +6,7 @@ tokenizer or ``llp-prep``.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -64,8 +65,11 @@ def write_tiny_dataset(out_dir: str | os.PathLike, seq_len: int, train_samples: 
                     arr = stream[k * seq_len: k * seq_len + seq_len + 1].astype(np.uint16)
                     buf = io.BytesIO()
                     np.save(buf, arr, allow_pickle=False)
+                    # the json llp-prep writes: split index and checksum of the token bytes (data_prep/shards.py)
+                    meta = {"split": split, "index": k, "docs": [[0, k * seq_len, seq_len + 1]],
+                            "tokens_blake2b": hashlib.blake2b(arr.tobytes(), digest_size=16).hexdigest()}
                     w.write({"__key__": f"{split}_{k:08d}", "tokens.npy": buf.getvalue(),
-                             "json": json.dumps({"docs": [0], "offset": k * seq_len}).encode()})
+                             "json": json.dumps(meta).encode()})
                     k += 1
             shards_meta.append({"name": name, "split": split, "samples": count, "tokens": count * (seq_len + 1),
                                 "sha256": _sha256(path)})
