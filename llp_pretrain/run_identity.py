@@ -40,11 +40,9 @@ def start_point(run_dir: Path, resume: Optional[str], overwrite: bool) -> Option
     """``(checkpoints dir, tag)`` to resume from, or None for a fresh start.
 
     Raises ``ValueError`` when ``run_dir`` already holds checkpoints and neither ``resume`` nor
-    ``overwrite`` is given, when both are given, or when ``run_dir`` is a file; ``FileNotFoundError``
+    ``overwrite`` is given or when both are given; ``FileNotFoundError``
     for an explicit resume path without a complete checkpoint."""
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"run.output_dir {run_dir} is a file, not a directory; choose another run.output_dir")
+    run_dir = Path(run_dir)  # (an output_dir that is a file is refused by the config loader)
     if resume is not None and overwrite:
         raise ValueError(f"--resume {resume} and --overwrite contradict each other: continue the run in {run_dir} "
                          "with --resume, or start it afresh with --overwrite")
