@@ -132,7 +132,8 @@ def test_restarted_attempt_never_reads_the_dead_attempts_addresses(tmp_path):
     """Deterministic form of the race behind 'connectFullMesh ... Connection refused': torchrun's
     store survives the restart, and in the new attempt rank 1 asks for rank 0's address before rank 0
     has published it. With the keys of each attempt kept apart, rank 1 waits for the new address.
-    (Without that, this test failed in 1 of 2 runs and 1 of 2 with a 3 s head start, on the 2-core box.)"""
+    Without that, it failed in 2 of 4 runs on the shared 2-core box (head start 3 s and 8 s, two runs
+    each), so it catches a regression often, not always."""
     script = tmp_path / "race_worker.py"
     script.write_text(RACE_WORKER)
     env = launch_env(LLP_DIST_INIT_TIMEOUT_S="60")
