@@ -100,11 +100,12 @@ def _init_process_group(backend: str, rank: int, world: int, timeout_s: float) -
     addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
     what = (f"rank {rank}: {backend} process-group initialisation waited for {world} process(es) at "
             f"MASTER_ADDR:MASTER_PORT={addr}:{port}")
-    advice = (f"check that all {world} ranks were started and can reach {addr}:{port} (same MASTER_ADDR/MASTER_PORT "
-              f"and world size everywhere, no firewall), or raise LLP_DIST_INIT_TIMEOUT_S")
+    advice = (f"check that all {world} ranks were started and can reach {addr}:{port} (same "
+              f"MASTER_ADDR/MASTER_PORT and world size everywhere, no firewall), or raise LLP_DIST_INIT_TIMEOUT_S")
 
     def give_up() -> None:
-        print(f"[llp-pretrain] error: {what} for {timeout_s:.0f} s and gave up; {advice}", file=sys.stderr, flush=True)
+        print(f"[llp-pretrain] error: {what} for {timeout_s:.0f} s and gave up; {advice}", file=sys.stderr,
+              flush=True)
         os._exit(1)
 
     # the watchdog covers the rendezvous only: DeepSpeed's set-up below may JIT-build an op under a
