@@ -153,6 +153,11 @@ def run_quickstart(out: str = "runs/quickstart", steps: Optional[int] = None, re
     cfg = load_config("configs/quickstart.yaml", overrides + plan_settings(steps), world_size=1)
     step_time = _announce(cfg, torch.device("cuda" if cuda else "cpu"), steps, cuda)
     res = train(cfg, resume="auto" if existing.is_file() else None)
+    if res.step < steps:  # stopped by a signal (or the time limit): no half-trained result is reported
+        _say(f"training stopped at step {res.step} of {steps} ({res.stopped_by}); run the same command again to "
+             "continue from the last checkpoint")
+        return {"val": None, "unigram": None, "steps": res.step, "sample": None, "run_dir": str(run_dir),
+                "step_time": step_time}
 
     _say("4/5 evaluating validation perplexity (strided, stride seq_len/2)")
     n = cfg.model.seq_len
