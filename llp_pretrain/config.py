@@ -740,6 +740,35 @@ def _ds_shape_problems(ds: Dict[str, Any], where: str) -> List[Tuple[str, str]]:
         st = zero["stage"]
         if isinstance(st, bool) or not isinstance(st, int) or not 0 <= st <= 3:
             out.append(("deepspeed:zero_optimization.stage", f"{where}: stage {json.dumps(st)} must be 0, 1, 2 or 3"))
+    if isinstance(zero, dict):
+        out += _zero_section_problems(zero, where)
+    return out
+
+
+def _zero_section_problems(zero: Dict[str, Any], where: str) -> List[Tuple[str, str]]:
+    """``zero_optimization`` checked by DeepSpeed's own config model (types, nested offload objects,
+    unknown keys), so that what passes here also passes ``deepspeed.initialize``."""
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    except ImportError:  # pragma: no cover - deepspeed is a dependency; train would fail loudly anyway
+        return []
+    try:
+        DeepSpeedZeroConfig(**zero)
+        return []
+    except ValidationError as e:
+        errors = e.errors()
+    except (TypeError, ValueError) as e:
+        return [("deepspeed:zero_optimization", f"{where}: {e}")]
+    out = []
+    for err in errors:
+        if tuple(err["loc"][:1]) == ("stage",):
+            continue  # reported above
+        key = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key" + _suggest(err["loc"][-1], DeepSpeedZeroConfig.model_fields)
+        else:
+            msg = f"{err['msg']} (got {json.dumps(err.get('input'), default=str)})"
+        out.append((f"deepspeed:zero_optimization.{key}", f"{where}: {msg}; fix the JSON"))
     return out
 
 

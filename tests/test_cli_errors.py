@@ -138,6 +138,10 @@ def test_output_dir_that_is_a_file(tmp_path, tiny, capsys):
     ({"zero_optimization": {"stage": 5}}, "stage 5 must be 0, 1, 2 or 3"),
     ({"zero_optimization": {"stage": "3"}}, 'stage "3" must be 0, 1, 2 or 3'),
     ([{"fp16": {"enabled": False}}], "the top level must be a JSON object"),
+    # DeepSpeed's own model of the ZeRO section: what passes check-config also passes deepspeed.initialize
+    ({"zero_optimization": {"stage": 3, "offload_optimizer": "cpu"}}, "zero_optimization.offload_optimizer"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "big"}}, "unable to parse string as an integer (got \"big\")"),
+    ({"zero_optimization": {"stage": 2, "overlap_com": True}}, "unknown key; did you mean 'overlap_comm'?"),
 ])
 def test_deepspeed_json_sections_of_the_wrong_shape(tmp_path, tiny, capsys, content, needle):
     js = tmp_path / "ds.json"
