@@ -42,6 +42,8 @@ __all__ = [
     "find_config_file",
     "configs_dir",
     "read_manifest",
+    "read_yaml_file",
+    "output_dir_problem",
 ]
 
 SECTIONS = ("model", "data", "train", "parallel", "deepspeed", "run")
@@ -447,8 +449,9 @@ def _resolve_world_size(world_size: Optional[int], problems: List[Tuple[str, str
     return world_size
 
 
-def _check_output_dir(path: str) -> Optional[str]:
-    """Why ``run.output_dir`` cannot hold a run (a file, under a file, not writable), or None."""
+def output_dir_problem(path: str | os.PathLike) -> Optional[str]:
+    """Why ``path`` cannot be (or become) a writable output directory (it is a file, lies under a
+    file, or is not writable), or None."""
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
         return f"{p} exists and is not a directory; choose a new directory path"
@@ -555,7 +558,7 @@ def _validate_sections(raw: Dict[str, Any], problems) -> Dict[str, Tuple[Any, se
     run, run_bad, run_raw = out["run"]
     out_dir = _value(run, run_raw, run_bad, "output_dir", str)
     if out_dir is not None:
-        why = _check_output_dir(out_dir)
+        why = output_dir_problem(out_dir)
         if why:
             problems.append(("run.output_dir", why))
     return out

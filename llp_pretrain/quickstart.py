@@ -143,7 +143,11 @@ def run_quickstart(out: str = "runs/quickstart", steps: Optional[int] = None, re
     from llp_pretrain.engine import train
     from llp_pretrain.evaluate import bytes_per_token, unigram_eval
 
+    from llp_pretrain.config import output_dir_problem
+
     out = Path(out).resolve()
+    if output_dir_problem(out):
+        raise ValueError(f"--out: {output_dir_problem(out)}")
     cuda = torch.cuda.is_available()
     overrides = list(GPU_OVERRIDES if cuda else [])
     base = load_config("configs/quickstart.yaml", overrides + ["model.vocab_size=2000"], world_size=1, check_data=False)
