@@ -347,11 +347,21 @@ USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirect
 
 
 def _os_error_line(e: OSError) -> str:
-    where = e.filename or ""
+    """One line for an operating-system error: the path, what happened and what to do."""
+    where = e.filename
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"no space left on the device holding {where or 'the output'}; free space and rerun"
-                if "no space left" not in str(e).lower() else str(e))
-    return f"{where + ': ' if where and str(where) not in str(e) else ''}{e.strerror or e}"
+        return (str(e) if str(e).startswith("no space left")  # checkpoint.DiskFullError: the whole message
+                else f"no space left on the device holding {where or 'the output'}; free space and rerun")
+    if e.strerror is None:  # raised by our code with a whole message
+        return str(e)
+    hint = {errno.ENOTDIR: "a part of this path is a file; choose another path",
+            errno.EEXIST: "it exists; choose another path",
+            errno.EISDIR: "it is a directory; give a file",
+            errno.EACCES: "no permission; choose a writable path or fix the permissions",
+            errno.EPERM: "no permission; choose a writable path or fix the permissions",
+            errno.EROFS: "the file system is read-only; choose another path"}.get(e.errno)
+    line = f"{where}: {e.strerror}" if where else e.strerror
+    return f"{line}; {hint}" if hint else line
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -127,12 +127,16 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     ``OUT/hashes.json`` (the tokenizer/dataset sha256 the run recorded) and, when the run has one,
     ``OUT/tokenizer.model``, with the usual permissions (``0666 & ~umask``). Returns ``OUT``.
 
-    Raises ``FileExistsError`` when ``OUT`` is an existing file (before any work)."""
+    Raises ``FileExistsError`` when ``OUT`` is an existing file, lies under one or is not writable
+    (before any work)."""
     from safetensors.torch import save_file
 
+    from llp_pretrain.config import output_dir_problem
+
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory; give a new or existing directory as OUT")
+    why = output_dir_problem(out)  # checked before the (possibly long) consolidation
+    if why:
+        raise FileExistsError(f"export OUT: {why}")
     state, model_cfg, tag_dir = load_checkpoint_weights(path)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
