@@ -27,7 +27,7 @@ import numpy as np
 from .errors import SKIP_KINDS, DataPrepError, SkipCounter
 from .inputs import PIECE_CHARS, ReadOptions, discover, iter_documents, warn
 from .manifest import (FORMAT_VERSION, MANIFEST, PARTIAL_SUFFIX, RUN_MARKER, SHARD_RE, SPLITS,
-                       fingerprint, sample_key, shard_name, strip_execution_only,
+                       ensure_dir, fingerprint, sample_key, shard_name, strip_execution_only,
                        write_json_atomic)
 from .progress import Progress
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, load_tokenizer
@@ -116,8 +116,11 @@ class _HashingFile:
 
     def __init__(self, f) -> None:
         self.f, self.h, self.n = f, hashlib.sha256(), 0
+        self.abandoned = False   # set on abort: a tarfile finalizer flushing later writes nothing
 
     def write(self, b) -> int:
+        if self.abandoned:
+            return len(b)
         self.h.update(b)
         self.n += len(b)
         return self.f.write(b)
@@ -127,6 +130,13 @@ class _HashingFile:
 
     def flush(self) -> None:
         self.f.flush()
+
+
+def _named(e: OSError, path) -> OSError:
+    """``e`` with ``filename`` set when the failed call did not say (a ``write`` on a full disk)."""
+    if e.filename is None and path is not None:
+        e.filename = str(path)
+    return e
 
 
 class _ShardSink:
@@ -155,9 +165,12 @@ class _ShardSink:
         self._n = 0
 
     def write(self, key: str, npy: bytes, meta: bytes) -> None:
-        if self._tw is None:
-            self._open()
-        self._tw.write({"__key__": key, "tokens.npy": npy, "json": meta})
+        try:
+            if self._tw is None:
+                self._open()
+            self._tw.write({"__key__": key, "tokens.npy": npy, "json": meta})
+        except OSError as e:
+            raise _named(e, self._tmp or self.out)
         self._n += 1
         if self._n == self.k_per:
             self.close_current()
@@ -165,10 +178,13 @@ class _ShardSink:
     def close_current(self) -> None:
         if self._tw is None:
             return
-        self._tw.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        try:
+            self._tw.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        except OSError as e:
+            raise _named(e, self._tmp)
         name = shard_name(self.split, len(self.shards))
         os.replace(self._tmp, self.out / name)
         self.shards.append({"name": name, "split": self.split, "samples": self._n,
@@ -177,6 +193,8 @@ class _ShardSink:
         self._tw = self._file = self._hf = self._tmp = None
 
     def abort(self) -> None:
+        if self._hf is not None:
+            self._hf.abandoned = True
         if self._file is not None:
             try:
                 self._file.close()
@@ -276,7 +294,6 @@ def _prepare_out_dir(out: Path, fp: str, overwrite: bool, settings: Dict) -> str
     """Refuse a directory holding a different dataset (unless ``overwrite``), then clear what an
     earlier run of this dataset left (manifest first, then shards and partial files) and mark the
     run as unfinished. Returns what was found, for the log."""
-    out.mkdir(parents=True, exist_ok=True)
     manifest, marker = out / MANIFEST, out / RUN_MARKER
     ours = [p for p in out.iterdir()
             if SHARD_RE.match(p.name) or p.name.endswith(".tar" + PARTIAL_SUFFIX)]
@@ -356,7 +373,8 @@ def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.Path
     sp, tok_sha, piece_count = load_tokenizer(model_path)
     byte_ids = [i for i in range(piece_count) if sp.is_byte(i)]
     dtype = token_dtype(piece_count)
-    sources = discover(inputs, opts.input_format)
+    skips = SkipCounter()
+    sources = discover(inputs, opts.input_format, skips)
     out = Path(out_dir)
     for given in inputs:
         gp = Path(given).resolve()
@@ -382,12 +400,12 @@ def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.Path
     }
     fp = fingerprint({"settings": settings, "format_version": FORMAT_VERSION,
                       "sources": [[s.path, s.identity, s.size] for s in sources]})
+    ensure_dir(out)
     found = _prepare_out_dir(out, fp, overwrite, settings)
     if not quiet:
         print(f"llp-prep shard: {out}: found {found}; {len(sources)} input files, "
               f"{workers} worker(s)", flush=True)
 
-    skips = SkipCounter()
     sinks = {s: _ShardSink(out, s, samples_per_shard, seq_len) for s in SPLITS}
     packers = {s: _SplitPacker(s, seq_len, dtype, sinks[s]) for s in SPLITS}
     source_docs = [0] * len(sources)

@@ -11,7 +11,6 @@ the newline character gets its own pieces. A reservoir sample of ``max_sentences
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import re
@@ -21,6 +20,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 from .errors import DataPrepError, SkipCounter
 from .inputs import ReadOptions, discover, iter_documents
+from .manifest import ensure_dir, write_json_atomic
 from .progress import Progress
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -160,10 +160,9 @@ def train_tokenizer(inputs: Sequence[str], out_dir: os.PathLike, *, vocab_size: 
                             f"{min_vocab} (1000+ for real text)")
     if max_sentences < 1 or max_sentence_bytes < 16:
         raise DataPrepError("--max-sentences must be >= 1 and --max-sentence-bytes >= 16")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sources = discover(inputs, opts.input_format)
+    out = ensure_dir(out_dir)
     skips = SkipCounter()
+    sources = discover(inputs, opts.input_format, skips)
     progress = Progress(total_bytes=sum(s.size for s in sources), desc="tokenizer: reading",
                         quiet=quiet)
     try:
@@ -222,9 +221,7 @@ def train_tokenizer(inputs: Sequence[str], out_dir: os.PathLike, *, vocab_size: 
         "skipped": skips.as_dict(),
         "argv": argv,
     }
-    tmp_json = out / ".tokenizer.json.tmp"
-    tmp_json.write_text(json.dumps(info, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp_json, out / "tokenizer.json")
+    write_json_atomic(out / "tokenizer.json", info, indent=2)
     info["skip_summary"] = skips.summary_lines()
     return info
 

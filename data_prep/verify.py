@@ -88,8 +88,8 @@ def verify_dataset(directory: os.PathLike, check_hashes: bool = True) -> Dict:
         ``{"ok": bool, "errors": [str], "warnings": [str], "shards": int, "samples": int,
         "tokens": int}``; each error names the shard and, where it can, the sample key.
     Raises:
-        Nothing for a bad dataset (it is reported); ``DataPrepError`` only if ``directory`` does
-        not exist.
+        Nothing for bad shards (they are reported); ``DataPrepError`` if ``directory`` does not
+        exist or its manifest is missing, not JSON or has keys of the wrong type.
     """
     d = Path(directory)
     if not d.is_dir():
@@ -97,11 +97,7 @@ def verify_dataset(directory: os.PathLike, check_hashes: bool = True) -> Dict:
     rep = _Report()
     result = {"ok": False, "errors": rep.errors, "warnings": rep.warnings, "shards": 0,
               "samples": 0, "tokens": 0}
-    try:
-        m = read_manifest(d)
-    except DataPrepError as e:
-        rep.error(str(e))
-        return result
+    m = read_manifest(d)   # a missing or damaged manifest is a DataPrepError (exit status 2)
     missing = [k for k in _REQUIRED if k not in m]
     if missing:
         rep.error(f"{d / MANIFEST}: missing keys {missing}")

@@ -222,7 +222,8 @@ def test_truncated_gzip_leaves_no_manifest_or_partial_file(env, tmp_path):
                      read_options=BLANK)
     assert not (out / "manifest.json").exists()
     assert not list(out.glob("*.partial"))
-    assert not verify_dataset(out)["ok"]
+    with pytest.raises(DataPrepError, match="holds no finished dataset"):
+        verify_dataset(out)
 
 
 @pytest.mark.timeout(180)
@@ -248,7 +249,8 @@ def test_killed_run_is_redone_cleanly_by_the_same_command(env, tmp_path):
     proc.wait()
     assert not (out / "manifest.json").exists()
     assert (out / ".llp-prep-run.json").exists()
-    assert not verify_dataset(out)["ok"]
+    with pytest.raises(DataPrepError, match="holds no finished dataset"):
+        verify_dataset(out)
     # same command again (in-process, same arguments): redone, complete and valid
     from data_prep.cli import main
     assert main(cmd[cmd.index("shard"):]) == 0
