@@ -29,12 +29,13 @@ PIECE_CHARS = 1 << 20          # documents longer than 2*PIECE_CHARS characters 
 SNIFF_BYTES = 8192             # binary detection looks at this many leading (decompressed) bytes
 DEFAULT_MAX_LINE_BYTES = 64 << 20
 
-FORMATS = ("auto", "text", "jsonl")
+FORMATS = ("auto", "text", "jsonl", "parquet")
 DOC_SEPS = ("file", "blank-line")
 ERRORS = ("replace", "skip", "fail")
 
 _COMPRESSED_EXTS = {".gz": "gzip", ".xz": "xz", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2"}
 _JSONL_EXTS = {".jsonl", ".ndjson", ".json"}
+_PARQUET_EXTS = {".parquet", ".pq"}
 
 ProgressFn = Optional[Callable[[int], None]]
 
@@ -63,7 +64,7 @@ class ReadOptions:
     errors: str = "replace"          # invalid UTF-8: "replace" (U+FFFD), "skip" (drop bytes), "fail"
     strict: bool = False             # JSONL: fail (file:line) instead of counting bad lines
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
-    input_format: str = "auto"       # "auto" (by extension) | "text" | "jsonl"
+    input_format: str = "auto"       # "auto" (by extension) | "text" | "jsonl" | "parquet"
     merge_short: int = 0             # blank-line mode: join paragraphs shorter than this many
                                      # characters to the next one (e.g. a title to its chapter)
 
@@ -94,6 +95,8 @@ def _format_of(path: Path, input_format: str) -> str:
     if input_format != "auto":
         return input_format
     suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in _PARQUET_EXTS:
+        return "parquet"
     while suffixes and suffixes[-1] in _COMPRESSED_EXTS:
         suffixes.pop()
     return "jsonl" if suffixes and suffixes[-1] in _JSONL_EXTS else "text"
@@ -501,6 +504,16 @@ def _merge_short(docs: Iterable[Tuple[int, str, bool]],
         yield pending[0], pending[1], True
 
 
+def _pieces(text: str, ordinal: int) -> Iterator[Tuple[int, str, bool]]:
+    """One record's document in pieces of at most ``2 * PIECE_CHARS`` characters."""
+    pos = 0
+    while len(text) - pos > 2 * PIECE_CHARS:
+        c = _cut(text, pos, before_newline=False)
+        yield ordinal, text[pos:c], False
+        pos = c
+    yield ordinal, text[pos:], True
+
+
 def _jsonl_documents(src: Source, opts: ReadOptions, skips: SkipCounter,
                      progress: ProgressFn) -> Iterator[Tuple[int, str, bool]]:
     """One document per JSON Lines record, taken from ``opts.text_key``; ordinal = line number."""
@@ -550,14 +563,6 @@ def _jsonl_documents(src: Source, opts: ReadOptions, skips: SkipCounter,
             return None
         return val
 
-    def pieces(text: str, lineno: int):
-        pos = 0
-        while len(text) - pos > 2 * PIECE_CHARS:
-            c = _cut(text, pos, before_newline=False)
-            yield lineno, text[pos:c], False
-            pos = c
-        yield lineno, text[pos:], True
-
     def chunks():
         yield first
         yield from blocks
@@ -589,12 +594,12 @@ def _jsonl_documents(src: Source, opts: ReadOptions, skips: SkipCounter,
                 else:
                     text = record(line, lineno)
                     if text is not None:
-                        yield from pieces(text, lineno)
+                        yield from _pieces(text, lineno)
             start = nl + 1
     if carry and not too_long:
         text = record(b"".join(carry), lineno + 1)
         if text is not None:
-            yield from pieces(text, lineno + 1)
+            yield from _pieces(text, lineno + 1)
     n_bad = _INVALID[0] - before
     if n_bad:
         skips.add("invalid_utf8_sequences", n_bad, where=src.path)
@@ -610,6 +615,12 @@ def iter_source_documents(src: Source, opts: ReadOptions, skips: SkipCounter,
     """
     if src.fmt == "jsonl":
         yield from _jsonl_documents(src, opts, skips, progress)
+        return
+    if src.fmt == "parquet":
+        from .parquet import parquet_documents
+
+        yield from parquet_documents(src, opts, skips, progress, _pieces,
+                                     lambda t, where: clean_unicode(t, opts.errors, skips, where))
         return
     blocks = _iter_text_blocks(src, opts, skips, progress)
     if opts.doc_sep == "blank-line":

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 from collections import deque
 from multiprocessing import get_context
@@ -30,13 +31,14 @@ from .manifest import (FORMAT_VERSION, MANIFEST, PARTIAL_SUFFIX, RUN_MARKER, SHA
                        ensure_dir, fingerprint, sample_key, shard_name, strip_execution_only,
                        write_json_atomic)
 from .progress import Progress
-from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, load_tokenizer
+from .tokenizer import load_tokenizer, model_file, special_ids
 
 DEFAULT_SAMPLES_PER_SHARD = 10_000
 BATCH_CHARS = 1 << 20
 BATCH_MAX_PIECES = 8192
 TAR_MTIME = 0                # fixed member mtime: reproducible tars (an int: a float forces PAX headers)
 SP_SPACE_SYMBOL = "\u2581"    # SentencePiece's escaped space: in input text it decodes as " "
+TOKENIZER_COPY = "tokenizer.model"   # the dataset's own copy of the model it was encoded with
 SPLIT_METHOD = "blake2b-64 of 'seed\\0identity\\0ordinal' / 2**64 < val_fraction -> val"
 
 
@@ -64,15 +66,22 @@ def npy_header(length: int, dtype: np.dtype) -> bytes:
 # ----------------------------------------------------------------------------- workers
 _SP = None
 _BYTE_RANGE = (4, 259)
+_BYTE_TABLE: Optional[np.ndarray] = None   # when the byte pieces are not one contiguous range
+_EOS = _UNK = -1
 
 
 def _init_worker(model_path: str) -> None:
-    global _SP, _BYTE_RANGE
+    global _SP, _BYTE_RANGE, _BYTE_TABLE, _EOS, _UNK
     import sentencepiece as spm
 
     _SP = spm.SentencePieceProcessor(model_file=model_path)
+    _EOS, _UNK = int(_SP.eos_id()), int(_SP.unk_id())
     byte_ids = [i for i in range(_SP.get_piece_size()) if _SP.is_byte(i)]
     _BYTE_RANGE = (min(byte_ids), max(byte_ids)) if byte_ids else (1, 0)
+    _BYTE_TABLE = None
+    if byte_ids and max(byte_ids) - min(byte_ids) + 1 != len(byte_ids):
+        _BYTE_TABLE = np.zeros(_SP.get_piece_size(), dtype=bool)
+        _BYTE_TABLE[byte_ids] = True
 
 
 def _encode_batch(texts: List[str], lasts: List[bool]):
@@ -84,7 +93,7 @@ def _encode_batch(texts: List[str], lasts: List[bool]):
     ids = _SP.encode(texts, num_threads=1)
     for t, last in zip(ids, lasts):
         if last:
-            t.append(EOS_ID)
+            t.append(_EOS)
     ntok = np.fromiter((len(t) for t in ids), dtype=np.int64, count=len(ids))
     # array.fromlist per list is several times faster than np.array over a flattened list
     buf = array.array("I")
@@ -97,8 +106,10 @@ def _encode_batch(texts: List[str], lasts: List[bool]):
     ends = np.cumsum(ntok)
     lo, hi = _BYTE_RANGE
     # unk and byte-fallback ids are rare: find their positions, then the pieces they fall in
-    n_unk = _per_piece(np.flatnonzero(arr == UNK_ID), ends)
-    n_byte = _per_piece(np.flatnonzero((arr - np.uint32(lo)) <= np.uint32(hi - lo)), ends)
+    n_unk = _per_piece(np.flatnonzero(arr == _UNK), ends)
+    is_byte = (_BYTE_TABLE[arr] if _BYTE_TABLE is not None
+               else (arr - np.uint32(lo)) <= np.uint32(hi - lo))
+    n_byte = _per_piece(np.flatnonzero(is_byte), ends)
     n_space_symbol = sum(t.count(SP_SPACE_SYMBOL) for t in texts if not t.isascii())
     return arr, ntok, nbytes, n_unk, n_byte, n_space_symbol
 
@@ -283,6 +294,26 @@ class _SplitPacker:
 
 
 # ----------------------------------------------------------------------------- output dir
+def copy_tokenizer(model_path: Path, out: Path) -> None:
+    """Copy the model to ``out/tokenizer.model`` (temporary name, fsync, rename), so a dataset
+    directory carries the tokenizer it was encoded with, whatever the working directory later."""
+    dst = out / TOKENIZER_COPY
+    if dst.exists() and os.path.samefile(dst, model_path):
+        return
+    tmp = out / f".{TOKENIZER_COPY}.{os.getpid()}.tmp"
+    try:
+        with open(model_path, "rb") as src, open(tmp, "wb") as f:
+            shutil.copyfileobj(src, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(dst)
+        raise
+
+
 def _existing_fingerprint(path: Path) -> Optional[str]:
     try:
         return json.loads(path.read_text(encoding="utf-8")).get("fingerprint")
@@ -367,9 +398,7 @@ def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.Path
         raise DataPrepError(f"--workers must be >= 0, got {workers}")
     if parallel not in ("processes", "threads"):
         raise DataPrepError(f"--parallel {parallel!r}: choose processes or threads")
-    model_path = Path(tokenizer)
-    if model_path.is_dir():
-        model_path = model_path / "tokenizer.model"
+    model_path = model_file(tokenizer).resolve()
     sp, tok_sha, piece_count = load_tokenizer(model_path)
     byte_ids = [i for i in range(piece_count) if sp.is_byte(i)]
     dtype = token_dtype(piece_count)
@@ -446,9 +475,10 @@ def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.Path
         "sample_tokens": seq_len + 1,
         "dtype": dtype.name,
         "tokenizer": {
-            "path": str(tokenizer), "sha256": tok_sha, "piece_count": piece_count,
-            "pad_id": PAD_ID, "unk_id": UNK_ID, "bos_id": BOS_ID, "eos_id": EOS_ID,
+            "path": str(model_path), "sha256": tok_sha, "piece_count": piece_count,
+            **special_ids(sp),
             "byte_fallback_ids": [min(byte_ids), max(byte_ids)] if byte_ids else None,
+            "copy": TOKENIZER_COPY,
         },
         "split": {"method": SPLIT_METHOD, "val_fraction": val_fraction, "seed": split_seed,
                   "unit": "document"},
@@ -469,6 +499,7 @@ def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.Path
         warn(f"the val split is empty ({totals['val']['documents']} documents, "
              f"{totals['val']['text_tokens']} tokens < seq_len + 1 = {seq_len + 1}): raise "
              f"--val-fraction or lower --seq-len if you need validation")
+    copy_tokenizer(model_path, out)
     write_json_atomic(out / MANIFEST, manifest)
     (out / RUN_MARKER).unlink(missing_ok=True)
     manifest = dict(manifest)

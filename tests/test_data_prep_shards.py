@@ -76,7 +76,7 @@ def test_webdataset_read_back_matches_manifest(env, tmp_path):
     m = build(env, out)
     assert (out / "manifest.json").is_file()
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [s["name"] for s in m["shards"]] + ["manifest.json"])
+        [s["name"] for s in m["shards"]] + ["manifest.json", "tokenizer.model"])
     assert m["dtype"] == "uint16" and m["tokenizer"]["piece_count"] == 800
     for split in ("train", "val"):
         samples, per_shard = read_split(out, m, split)
@@ -202,7 +202,7 @@ def test_different_dataset_refused_unless_overwrite(env, tmp_path):
     m2 = build(env, out, seq_len=128, samples_per_shard=50, overwrite=True)
     assert len(m2["shards"]) < n1
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [s["name"] for s in m2["shards"]] + ["manifest.json"])
+        [s["name"] for s in m2["shards"]] + ["manifest.json", "tokenizer.model"])
     assert verify_dataset(out)["ok"]
     # the same command again: redone cleanly, same bytes
     before = {p.name: p.read_bytes() for p in out.iterdir()}
