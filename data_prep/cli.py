@@ -1,4 +1,4 @@
-"""``llp-prep``: tokenizer | shard | verify | stats (see ``docs/data_prep.md``).
+"""``llp-prep``: tokenizer | shard | merge | verify | stats (see ``docs/data_prep.md``).
 
 Exit status: 0 success, 1 ``verify`` found problems, 2 bad input or settings (the message names
 the file, line, key or value and says what to do).
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -125,6 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPU per token). The output is identical either way")
     s.add_argument("--overwrite", action="store_true",
                    help="replace a different dataset already in --out")
+    s.add_argument("--num-tasks", type=int, default=None, metavar="N",
+                   help="array job: the inputs are split by whole files into N size-balanced "
+                        "parts; this run makes part --task-index in OUT/parts/I (then `llp-prep "
+                        "merge OUT`). Default: $SLURM_ARRAY_TASK_COUNT if set, else no array")
+    s.add_argument("--task-index", type=int, default=None, metavar="I",
+                   help="array job: which part, 0..N-1. Default: $SLURM_ARRAY_TASK_ID if set")
+
+    mg = sub.add_parser("merge", **kw,
+                        help="merge the parts of an array job (OUT/parts/*) into one dataset")
+    mg.add_argument("dir", help="the --out of the array job")
+    mg.add_argument("--keep-parts", action="store_true",
+                    help="keep OUT/parts after merging (the shards are hard links)")
+    mg.add_argument("--overwrite", action="store_true",
+                    help="replace a different finished dataset already in DIR")
 
     v = sub.add_parser("verify", **kw, help="re-hash and decode every shard, check the manifest")
     v.add_argument("dir", help="dataset directory (holding manifest.json)")
@@ -135,6 +150,37 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("dir", help="dataset directory (holding manifest.json)")
     st.add_argument("--json", action="store_true", help="print JSON")
     return ap
+
+
+def _env_int(name: str) -> Optional[int]:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise DataPrepError(f"${name}={v!r} is not an integer; unset it or pass --num-tasks and "
+                            f"--task-index") from None
+
+
+def _array_args(a):
+    """``(num_tasks, task_index)`` from the options, else from a SLURM array's environment."""
+    n = a.num_tasks if a.num_tasks is not None else _env_int("SLURM_ARRAY_TASK_COUNT")
+    i = a.task_index if a.task_index is not None else _env_int("SLURM_ARRAY_TASK_ID")
+    if n is None and i is None:
+        return None, None
+    if n is None or i is None:
+        raise DataPrepError(f"array job: --num-tasks {n} and --task-index {i}: give both (in a "
+                            f"SLURM array they default to $SLURM_ARRAY_TASK_COUNT and "
+                            f"$SLURM_ARRAY_TASK_ID)")
+    return n, i
+
+
+def _with_array(argv: List[str], num_tasks: Optional[int]) -> List[str]:
+    """The recorded command line names --num-tasks even when it came from the environment."""
+    if num_tasks is None or any(x == "--num-tasks" or x.startswith("--num-tasks=") for x in argv):
+        return argv
+    return argv + ["--num-tasks", str(num_tasks)]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -161,11 +207,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         if a.cmd == "shard":
             from .shards import build_shards
 
+            num_tasks, task_index = _array_args(a)
             m = build_shards(
                 a.input, a.tokenizer, a.out, seq_len=a.seq_len, val_fraction=a.val_fraction,
                 samples_per_shard=a.samples_per_shard, workers=a.workers,
                 read_options=_read_options(a), split_seed=a.split_seed, overwrite=a.overwrite,
-                quiet=a.quiet, parallel=a.parallel, argv=argv)
+                quiet=a.quiet, parallel=a.parallel, argv=_with_array(argv, num_tasks),
+                num_tasks=num_tasks, task_index=task_index)
+            if m.get("kind") == "part":
+                t = m["totals"]
+                print(f"task {m['task_index']} of {m['num_tasks']}: {t['train']['documents']:,} "
+                      f"train + {t['val']['documents']:,} val documents -> "
+                      f"{t['train']['samples']:,} train samples; wrote "
+                      f"{a.out}/parts/{m['task_index']}/manifest.json")
+                return 0
             for s, t in m["totals"].items():
                 print(f"{s}: {t['documents']:,} documents, {t['text_tokens']:,} tokens -> "
                       f"{t['samples']:,} samples in {t['shards']} shards "
@@ -173,6 +228,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"wrote {a.out}/manifest.json")
             print("skipped:")
             print("\n".join(m["skip_summary"]))
+            return 0
+        if a.cmd == "merge":
+            from .array import merge_parts
+
+            m = merge_parts(a.dir, keep_parts=a.keep_parts, overwrite=a.overwrite)
+            for s, t in m["totals"].items():
+                print(f"{s}: {t['documents']:,} documents, {t['samples']:,} samples in "
+                      f"{t['shards']} shards")
+            print(f"wrote {a.dir}/manifest.json ({m['array']['num_tasks']} parts merged)")
             return 0
         if a.cmd == "verify":
             from .verify import verify_dataset

@@ -24,8 +24,9 @@ PARTIAL_SUFFIX = ".partial"            # shards are written as NAME.partial, the
 SHARD_RE = re.compile(r"^(train|val)-(\d{6})\.tar$")
 SPLITS = ("train", "val")
 # Options that change how a run executes but never what it writes.
-EXECUTION_ONLY_OPTIONS = ("--workers", "--parallel", "--quiet", "-q", "--overwrite")
-_TAKES_VALUE = ("--workers", "--parallel")
+EXECUTION_ONLY_OPTIONS = ("--workers", "--parallel", "--quiet", "-q", "--overwrite",
+                          "--task-index")
+_TAKES_VALUE = ("--workers", "--parallel", "--task-index")
 
 
 def shard_name(split: str, index: int) -> str:
@@ -33,9 +34,12 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
-def sample_key(split: str, index: int) -> str:
-    """WebDataset key (no dots) of sample ``index`` of ``split``: ``train_0000000042``."""
-    return f"{split}_{index:010d}"
+def sample_key(split: str, index: int, stream: Optional[int] = None) -> str:
+    """WebDataset key (no dots) of sample ``index`` of ``split``: ``train_0000000042``; in stream
+    ``stream`` of a merged array dataset: ``train_s00002_0000000042``."""
+    if stream is None:
+        return f"{split}_{index:010d}"
+    return f"{split}_s{stream:05d}_{index:010d}"
 
 
 def fingerprint(obj) -> str:
