@@ -15,6 +15,9 @@ from .errors import DataPrepError, os_error_message
 from .inputs import DEFAULT_MAX_LINE_BYTES, DOC_SEPS, ERRORS, FORMATS, ReadOptions
 
 
+FEW_SHARDS = 32     # fewer train shards than this: say how to get more
+
+
 class _HelpFormatter(argparse.HelpFormatter):
     """Every option's help ends with its default (``--help`` of every subcommand shows them);
     required options and flags that default to off say so instead."""
@@ -226,6 +229,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                       f"{t['samples']:,} samples in {t['shards']} shards "
                       f"({t['dropped_tail_tokens']:,} tail tokens dropped)")
             print(f"wrote {a.out}/manifest.json")
+            n_train = m["totals"]["train"]["shards"]
+            if n_train < FEW_SHARDS:
+                print(f"note: {n_train} train shard(s); training needs at least data_parallel_size "
+                      f"x data.num_workers of them (`llp-pretrain check-config` checks): lower "
+                      f"--samples-per-shard (now {a.samples_per_shard}) for a small corpus")
             print("skipped:")
             print("\n".join(m["skip_summary"]))
             return 0
