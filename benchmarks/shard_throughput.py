@@ -12,7 +12,7 @@ record each) and as Parquet (``parquet``, one row each, row groups of 1,000):
   ``W`` worker processes (``Wt``: threads) + packing + tar writing + sha256 + manifest (``W = 0``:
   everything in this process, compared with raw ``num_threads=1``);
 - array: ``--array-tasks`` tasks of ``llp-prep shard --num-tasks N --task-index I --workers 0`` as
-  subprocesses, at most ``--cores`` at a time (what a SLURM array gets on that many cores), then
+  subprocesses (``--array-concurrency`` at a time; default all, sharing the cores), then
   ``llp-prep merge``, vs one ``llp-prep shard --workers (cores - 1)`` subprocess on the same text
   input.
 
@@ -84,7 +84,8 @@ def _prep(args, env):
 
 
 def _run_array(text_dir: Path, model: Path, out: Path, a, n: int, cores: int) -> None:
-    """``n`` array tasks, at most ``cores`` at a time, then the merge."""
+    """``n`` array tasks, at most ``cores`` at a time, then the merge (every process pays its
+    own start-up: Python, numpy, SentencePiece, and webdataset, which imports torch)."""
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     common = ["shard", "--input", text_dir, "--tokenizer", model, "--out", out, "--doc-sep",
@@ -148,7 +149,12 @@ def main() -> None:
                          "processes")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--array-tasks", type=int, default=3, help="0: skip the array comparison")
-    ap.add_argument("--cores", type=int, default=2, help="cores the array and single runs share")
+    ap.add_argument("--cores", type=int, default=2,
+                    help="cores the array and single runs share (the single run gets "
+                         "--workers cores - 1)")
+    ap.add_argument("--array-concurrency", type=int, default=0,
+                    help="array tasks running at once (0: all of them, sharing the cores; "
+                         "--cores: one core each, as a SLURM array with --cpus-per-task=1)")
     ap.add_argument("--vocab-size", type=int, default=8000)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--samples-per-shard", type=int, default=10_000)
@@ -204,7 +210,8 @@ def main() -> None:
             arr["single"].append(n / dt)
             arr["single_cpu"].append(n / dc)
             _, dt, dc = _timed(lambda: _run_array(dirs["text"], model, work / "array", a,
-                                                  a.array_tasks, a.cores))
+                                                  a.array_tasks,
+                                                  a.array_concurrency or a.array_tasks))
             if _tokens(work / "array") != n:
                 raise SystemExit("array: token counts differ from the single run")
             arr["array"].append(n / dt)
@@ -232,7 +239,8 @@ def main() -> None:
         result["array_vs_single"] = {
             "tasks": a.array_tasks, "cores": a.cores,
             "single": f"one llp-prep shard --workers {max(a.cores - 1, 0)} process",
-            "array": f"{a.array_tasks} tasks --workers 0, at most {a.cores} at a time, + merge",
+            "array": f"{a.array_tasks} tasks --workers 0, "
+                     f"{a.array_concurrency or a.array_tasks} at a time on the cores, + merge",
             **_summary(arr["single"], arr["array"], arr["single_cpu"], arr["array_cpu"],
                        names=("single", "array"))}
     print(json.dumps(result, indent=1))

@@ -30,6 +30,7 @@ depend on which task finished first, and a killed merge is simply run again.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -248,8 +249,6 @@ def _check_plan(out: Path, plan: Dict, overwrite: bool) -> None:
     p = out / PARTS / PLAN
     if not p.is_file():
         return
-    import json
-
     try:
         old = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -281,10 +280,8 @@ def merge_parts(out_dir: os.PathLike, keep_parts: bool = False, overwrite: bool 
             return read_manifest(out)
         raise DataPrepError(f"{plan_path} not found: run the array first (`llp-prep shard ... "
                             f"--out {out} --num-tasks N --task-index I` for every I)")
-    import json
-
-    plan = json.loads(plan_path.read_text(encoding="utf-8"))
-    n = int(plan["num_tasks"])
+    plan = _read_plan(plan_path)
+    n = plan["num_tasks"]
     parts, problems = [], []
     for i in range(n):
         pdir = part_dir(out, i)
@@ -297,6 +294,8 @@ def merge_parts(out_dir: os.PathLike, keep_parts: bool = False, overwrite: bool 
                    "incomplete (running, killed or failed: no manifest.json)" if pm is None else
                    "of another job" if pm.get("job_fingerprint") != plan["job_fingerprint"]
                    else "")
+        if not why and not _part_ok(pm):
+            why = "damaged (its manifest lacks the stream files' entries)"
         if why:
             problems.append((i, why))
         parts.append(pm)
@@ -312,7 +311,7 @@ def merge_parts(out_dir: os.PathLike, keep_parts: bool = False, overwrite: bool 
     if old.is_file():
         try:
             old_fp = json.loads(old.read_text(encoding="utf-8")).get("fingerprint")
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             old_fp = None
         if old_fp != job_fp and not overwrite:
             raise DataPrepError(f"{out} holds a different finished dataset; pass --overwrite to "
@@ -364,6 +363,34 @@ def merge_parts(out_dir: os.PathLike, keep_parts: bool = False, overwrite: bool 
         warn(f"the val split is empty ({m['totals']['val']['text_tokens']} tokens < seq_len + 1 "
              f"= {L + 1}): raise --val-fraction or lower --seq-len if you need validation")
     return m
+
+
+def _read_plan(path: Path) -> Dict:
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+        ok = (isinstance(plan, dict) and isinstance(plan.get("num_tasks"), int)
+              and plan["num_tasks"] >= 1 and isinstance(plan.get("job_fingerprint"), str)
+              and isinstance(plan.get("tasks"), list))
+    except (OSError, ValueError) as e:
+        raise DataPrepError(f"{path}: cannot be read ({e}); rerun any task of the array to "
+                            f"rewrite it") from e
+    if not ok:
+        raise DataPrepError(f"{path}: not a plan written by llp-prep (num_tasks, "
+                            f"job_fingerprint, tasks); rerun any task of the array to rewrite it")
+    return plan
+
+
+def _part_ok(pm: Dict) -> bool:
+    """The keys of a part manifest that the merge reads (beyond ``check_manifest_types``)."""
+    want = ("tokens_file", "segments_file", "tokens", "segments", "tokens_sha256",
+            "segments_sha256")
+    st = pm.get("streams")
+    return (isinstance(st, dict) and all(isinstance(st.get(k), dict) and all(w in st[k] for w in want)
+                                         for k in STREAM_FILES)
+            and isinstance(pm.get("sources"), list) and isinstance(pm.get("command"), dict)
+            and isinstance(pm["command"].get("settings"), dict)
+            and isinstance(pm["tokenizer"].get("copy"), str)
+            and all(k in pm["totals"][s] for s in SPLITS for k in SUM_KEYS + ("samples",)))
 
 
 def _link(src: Path, dst: Path, entry: Dict) -> None:

@@ -2,6 +2,7 @@
 and refusals. Real SentencePiece and WebDataset; a few hundred KB of real text."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +142,20 @@ def test_cli_takes_the_task_from_slurm_variables(env, tmp_path):
                        env=dict(base, SLURM_ARRAY_TASK_COUNT="x", SLURM_ARRAY_TASK_ID="0"))
     assert r.returncode == 2 and "$SLURM_ARRAY_TASK_COUNT='x' is not an integer" in r.stderr
     assert cli_main(["merge", str(tmp_path / "nothing")]) == 2
+
+
+def test_damaged_plan_or_part_manifest_is_one_line(env, tmp_path, capsys):
+    out = tmp_path / "arr"
+    (out / "parts").mkdir(parents=True)
+    (out / "parts" / "plan.json").write_text('{"num_tasks": "three"}')
+    assert cli_main(["merge", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "plan.json: not a plan written by llp-prep" in err and "Traceback" not in err
+    shutil.rmtree(out)
+    run_array(env, out, [0, 1])
+    pm = json.loads((out / "parts" / "1" / "manifest.json").read_text())
+    del pm["streams"]["val"]
+    (out / "parts" / "1" / "manifest.json").write_text(json.dumps(pm))
+    assert cli_main(["merge", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "part 1: damaged" in err and "part 2: missing" in err and "--array=1,2" in err
