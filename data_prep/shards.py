@@ -380,6 +380,26 @@ def _prepare_out_dir(out: Path, fp: str, overwrite: bool, settings: Dict) -> str
 
 
 # ----------------------------------------------------------------------------- API
+def _check_settings(seq_len, val_fraction, samples_per_shard, workers, parallel, num_tasks,
+                    task_index) -> None:
+    """Raise ``DataPrepError`` naming the first option out of range."""
+    if seq_len < 1:
+        raise DataPrepError(f"--seq-len must be >= 1, got {seq_len}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataPrepError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if samples_per_shard < 1:
+        raise DataPrepError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    if workers < 0:
+        raise DataPrepError(f"--workers must be >= 0, got {workers}")
+    if parallel not in ("processes", "threads"):
+        raise DataPrepError(f"--parallel {parallel!r}: choose processes or threads")
+    if (num_tasks is None) != (task_index is None):
+        raise DataPrepError("--num-tasks and --task-index go together (in a SLURM array both "
+                            "default to SLURM_ARRAY_TASK_COUNT / SLURM_ARRAY_TASK_ID)")
+    if num_tasks is not None and not (num_tasks >= 1 and 0 <= task_index < num_tasks):
+        raise DataPrepError(f"--task-index {task_index} is not in [0, --num-tasks {num_tasks})")
+
+
 def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.PathLike, *,
                  seq_len: int = 2048, val_fraction: float = 0.005,
                  samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD, workers: int = 1,
@@ -390,8 +410,11 @@ def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.Path
     """Tokenize ``inputs`` and write ``out_dir/{train,val}-NNNNNN.tar`` + ``manifest.json``.
 
     Args:
-        inputs: files or directories (text or JSONL, optionally gzip/xz/zstd/bz2).
-        tokenizer: ``tokenizer.model`` (or its directory) from ``train_tokenizer``.
+        inputs: files or directories (text, JSONL or Parquet; text and JSONL optionally
+            gzip/xz/zstd/bz2).
+        tokenizer: a SentencePiece model (or a directory holding ``tokenizer.model``): ours from
+            ``train_tokenizer``, or any model with an EOS piece (its own special ids are used and
+            recorded).
         seq_len: model context in tokens; every sample holds ``seq_len + 1`` token ids.
         val_fraction: expected fraction of documents (by identity hash) in the val split.
         samples_per_shard: samples per tar (the last shard of a split may hold fewer).
@@ -418,21 +441,8 @@ def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.Path
     """
     opts = read_options or ReadOptions()
     opts.validate()
-    if seq_len < 1:
-        raise DataPrepError(f"--seq-len must be >= 1, got {seq_len}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataPrepError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if samples_per_shard < 1:
-        raise DataPrepError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
-    if workers < 0:
-        raise DataPrepError(f"--workers must be >= 0, got {workers}")
-    if parallel not in ("processes", "threads"):
-        raise DataPrepError(f"--parallel {parallel!r}: choose processes or threads")
-    if (num_tasks is None) != (task_index is None):
-        raise DataPrepError("--num-tasks and --task-index go together (in a SLURM array both "
-                            "default to SLURM_ARRAY_TASK_COUNT / SLURM_ARRAY_TASK_ID)")
-    if num_tasks is not None and not (num_tasks >= 1 and 0 <= task_index < num_tasks):
-        raise DataPrepError(f"--task-index {task_index} is not in [0, --num-tasks {num_tasks})")
+    _check_settings(seq_len, val_fraction, samples_per_shard, workers, parallel, num_tasks,
+                    task_index)
     model_path = model_file(tokenizer).resolve()
     sp, tok_sha, piece_count = load_tokenizer(model_path)
     byte_ids = [i for i in range(piece_count) if sp.is_byte(i)]
