@@ -24,7 +24,8 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         h = action.help or ""
-        if "%(default)" in h or action.default is argparse.SUPPRESS or not action.option_strings:
+        if "%(default)" in h or "(default:" in h or action.default is argparse.SUPPRESS \
+                or not action.option_strings:
             return h
         if action.required:
             return h + " (required)"
@@ -132,9 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-tasks", type=int, default=None, metavar="N",
                    help="array job: the inputs are split by whole files into N size-balanced "
                         "parts; this run makes part --task-index in OUT/parts/I (then `llp-prep "
-                        "merge OUT`). Default: $SLURM_ARRAY_TASK_COUNT if set, else no array")
+                        "merge OUT`) (default: $SLURM_ARRAY_TASK_COUNT if set, else no array)")
     s.add_argument("--task-index", type=int, default=None, metavar="I",
-                   help="array job: which part, 0..N-1. Default: $SLURM_ARRAY_TASK_ID if set")
+                   help="array job: which part, 0..N-1 (default: $SLURM_ARRAY_TASK_ID if set)")
 
     mg = sub.add_parser("merge", **kw,
                         help="merge the parts of an array job (OUT/parts/*) into one dataset")
