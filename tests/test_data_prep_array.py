@@ -159,3 +159,18 @@ def test_damaged_plan_or_part_manifest_is_one_line(env, tmp_path, capsys):
     assert cli_main(["merge", str(out)]) == 2
     err = capsys.readouterr().err
     assert "part 1: damaged" in err and "part 2: missing" in err and "--array=1,2" in err
+
+
+def test_the_training_loader_and_eval_read_a_merged_dataset(env, tmp_path):
+    """The contract with llp_pretrain: train shards of N + 1 streams stream like any others, and
+    the val split is one stream, the same as a single run's (what eval reassembles)."""
+    from llp_pretrain.data import TrainStream, make_train_loader, read_split_stream
+
+    out = tmp_path / "arr"
+    run_array(env, out, [0, 1, 2])
+    merge_parts(out)
+    assert (read_split_stream(str(out), "val") == read_split_stream(str(env["single"]), "val")).all()
+    stream = TrainStream(str(out), dp_size=2, dp_rank=1, num_workers=1, micro_batch_size=4, seed=0)
+    batches = iter(make_train_loader(stream))
+    keys = [k for _ in range(5) for k in next(batches)["keys"]]
+    assert len(set(keys)) == 20 and all(k.split("/")[1].startswith("train_s") for k in keys)
