@@ -36,6 +36,7 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "zstandard>=0.21",
+        "pyarrow>=14",
     ],
     extras_require={
         "test": ["pytest>=7.4", "pytest-timeout>=2.2", "pillow>=9"],
