@@ -99,7 +99,14 @@ def read_meta(tag_dir: Path) -> Dict[str, Any]:
     if not f.is_file():
         raise FileNotFoundError(f"{tag_dir}: not a complete checkpoint (no {META}); it was interrupted while saving "
                                 "or is not an llp-pretrain checkpoint")
-    return json.loads(f.read_text())
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{f}: not valid JSON ({e}); this checkpoint is damaged, resume from an earlier one") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise ValueError(f"{f}: expected a JSON object with an integer 'step'; this checkpoint is damaged, resume "
+                         "from an earlier one")
+    return meta
 
 
 def resolve_resume(resume: Optional[str], run_ckpt_dir: Path) -> Optional[Tuple[Path, str]]:

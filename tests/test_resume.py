@@ -103,3 +103,12 @@ def test_lr_stays_continuous_when_max_steps_changes_on_resume():
     # other schedule fields: refused with the way out
     with pytest.raises(ValueError, match="train.lr: 1.0 -> 2.0.*only train.max_steps may change"):
         resumed_schedule(SimpleNamespace(**{**vars(old), "lr": 2.0}), meta)
+
+
+def test_damaged_run_meta_is_named(tmp_path):
+    d = tmp_path / "checkpoints"
+    tag = _fake_save(d, 2)
+    for text in ("{not json", "[1, 2]", '{"step": "two"}', "\udcff"):
+        (d / tag / "run_meta.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+        with pytest.raises(ValueError, match=r"step00000002/run_meta.json.*damaged"):
+            ckpt.read_meta(d / tag)
