@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .layers import AttentionBase, ForwardContext
-from .pair_attention import pair_attention
+from .pair_attention import pair_attention, pair_bias
 
 
 class LLPAttention(AttentionBase):
@@ -27,6 +27,7 @@ class LLPAttention(AttentionBase):
     def __init__(self, cfg, layer: int):
         super().__init__(cfg, layer)
         self.segment_len = cfg.segment_len
+        pair_bias(cfg.segment_len)  # built outside any dispatch mode (see pair_bias)
         if cfg.separate_first_segment_proj:
             self.out_proj_first = nn.Linear(cfg.d_model, cfg.d_model)
 
