@@ -1,8 +1,8 @@
 """The chunked training loss under DeepSpeed ZeRO-3 (real engine, 2 gloo ranks): the head's
 weight is partitioned, gathered by ZeRO-3's module hooks when ``lm_head`` runs in the forward and
 again in the backward recomputation of each chunk. The losses and the updated weights after two
-SGD steps equal the same ZeRO-3 training with the unchunked loss (tied head, checkpointed blocks, the Llama set), and the
-first loss equals a plain single-process forward."""
+SGD steps equal the same ZeRO-3 training with the unchunked loss (tied head, checkpointed
+blocks, the Llama set), and the first loss equals a plain single-process forward."""
 from __future__ import annotations
 
 import pytest

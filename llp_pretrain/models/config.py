@@ -68,9 +68,9 @@ class ModelConfig(BaseModel):
         tie_embeddings: the output head shares the token-embedding matrix.
         checkpoint_activations: non-reentrant activation checkpointing per block when training.
         mlp_ratio: MLP size. ``gelu``: hidden width ``mlp_ratio * d_model``. ``swiglu``: hidden
-            width ``mlp_hidden`` = ``2 * mlp_ratio * d_model / 3`` rounded to the nearest multiple
-            of 8 (ties up, at least 8), so its three matrices hold as many weights as gelu's two (up to
-            the rounding).
+            width ``mlp_hidden`` = ``2 * mlp_ratio * d_model / 3`` rounded to the nearest
+            multiple of 8 (ties up, at least 8), so its three matrices hold as many weights as
+            gelu's two (up to the rounding).
         norm: ``layernorm`` (default) or ``rmsnorm`` for the block and final norms (the per-head
             ``kv_layernorm`` stays a LayerNorm).
         mlp: ``gelu`` (default: ``Linear -> GELU -> Linear``) or ``swiglu``

@@ -2,10 +2,11 @@
 
 Convention (documented in ``docs/models.md``): a multiply-add is 2 FLOPs; backward costs twice
 the forward, so training = 3 x forward. Counted per layer: the q, k/v and output projections on
-the rows that compute them (k/v ``D x Hkv d`` with ``n_kv_heads``), the MLP (``2 * 2 * D * h``
-per row for ``gelu``, ``2 * 3 * D * h`` for ``swiglu``, ``h = cfg.mlp_hidden``), the compressed-history
-``Linear(h, c)``, and attention as ``4 * D`` FLOPs per *visible* (unmasked) query-key pair
-(``q k^T`` and ``p v``; the same with grouped-query heads). Plus the output head ``2 * D * V``
+the rows that compute them (k/v ``D x Hkv d`` with ``n_kv_heads``), the MLP
+(``2 * 2 * D * h_mlp`` per row for ``gelu``, ``2 * 3 * D * h_mlp`` for ``swiglu``,
+``h_mlp = cfg.mlp_hidden``), the compressed-history ``Linear(h, c)``, and attention as
+``4 * D`` FLOPs per *visible* (unmasked) query-key pair (``q k^T`` and ``p v``; the same with
+grouped-query heads). Plus the output head ``2 * D * V``
 per output row. The embedding lookup, norms, biases, activations, softmax and RoPE are not
 counted, nor recomputation (activation checkpointing, the chunked loss's head). The result is
 divided by the ``N`` input tokens.

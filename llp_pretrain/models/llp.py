@@ -100,7 +100,8 @@ class LLPCache:
         self.has_prev[layer] = cur >= 1
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, position: int):
-        """Add the token at ``position``; return the keys/values it attends to ``(B, H, <=2L, d)``."""
+        """Add the token at ``position``; return the keys/values it attends to
+        ``(B, Hkv, <=2L, d)``."""
         L = self.L
         if position % L == 0 and position > 0:
             # the current segment is complete: it becomes the previous one
