@@ -24,7 +24,7 @@ setup(
     },
     include_package_data=True,
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",  # SDPA enable_gqa (grouped-query attention, n_kv_heads)
         "deepspeed>=0.14",
         "numpy>=1.24",
         "sentencepiece>=0.2",
