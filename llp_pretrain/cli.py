@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="consolidated safetensors weights + model config (also from ZeRO-3)")
     p.add_argument("checkpoint")
     p.add_argument("out")
+    p.add_argument("--format", choices=["safetensors", "hf"], default="safetensors",
+                   help="safetensors: weights + model_config.json (default); hf: a transformers directory")
+    p.add_argument("--max-shard-size", default="5GB", help="--format hf: shard model.safetensors above this size")
+    from llp_pretrain.hf.harness import add_parser as add_harness_parser
+
+    add_harness_parser(sub)
 
     p = sub.add_parser("quickstart", help="tokenizer + shards + training + eval + sample on the bundled corpus")
     p.add_argument("--out", default="runs/quickstart")
@@ -153,6 +159,12 @@ def _cmd_generate(args) -> int:
 def _cmd_export(args) -> int:
     from llp_pretrain.export import export_checkpoint
 
+    if args.format == "hf":
+        from llp_pretrain.hf.export import export_hf
+
+        print(f"wrote {export_hf(args.checkpoint, args.out, args.max_shard_size)} (transformers, trust_remote_code)")
+        return 0
+
     out = export_checkpoint(args.checkpoint, args.out)
     print(f"wrote {out / 'model.safetensors'} and {out / 'model_config.json'}")
     return 0
@@ -182,6 +194,12 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _cmd_harness(args) -> int:
+    from llp_pretrain.hf.harness import main as harness_main
+
+    return harness_main(args)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``llp-pretrain`` console script."""
     from llp_pretrain.config import ConfigError
@@ -189,7 +207,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": _cmd_train, "check-config": _cmd_check, "eval": _cmd_eval, "generate": _cmd_generate,
                 "export": _cmd_export, "quickstart": _cmd_quickstart,
-                "compare": _cmd_compare}
+                "compare": _cmd_compare, "harness": _cmd_harness}
     try:
         return handlers[args.command](args)
     except ConfigError as e:

@@ -103,8 +103,8 @@ def export_hf(path, out, max_shard_size=DEFAULT_MAX_SHARD) -> Path:
     try:
         for name, text in bundle_sources().items():
             (tmp / name).write_text(text, encoding="utf-8")
-        (tmp / "config.json").write_text(json.dumps(hf_config(model_cfg, _special_ids(tok)), indent=2,
-                                                    sort_keys=True) + "\n")
+        config = {**hf_config(model_cfg, _special_ids(tok)), "llp_step": int(meta.get("step", 0))}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(
             {k: v for k, v in _special_ids(tok).items()}, indent=2, sort_keys=True) + "\n")
         write_weights(state, tmp, max_shard_size, source=str(tag_dir))
