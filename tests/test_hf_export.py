@@ -134,7 +134,8 @@ def test_tokenizer_equals_ours_on_real_text(exported, kjv_runs):
         ids = sp.encode(t)
         assert tok(t, add_special_tokens=False)["input_ids"] == ids, t[:80]
         assert tok(t)["input_ids"] == ids  # no BOS/EOS added, as in our shards
-        assert tok.decode(ids) == sp.decode(ids) == t, t[:80]
+        assert tok.decode(ids) == sp.decode(ids), t[:80]
+        assert "\u2581" in t or tok.decode(ids) == t  # lossless but for a literal U+2581, as ours
     assert any(sp.is_byte(i) for t in texts for i in sp.encode(t))  # byte fallback was exercised
 
 

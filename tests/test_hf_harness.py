@@ -20,14 +20,15 @@ PAIRS = [("  1 In the beginning God created the heaven and the earth.\n  2", " A
 
 
 def _our_loglikelihood(model, sp, context, continuation):
-    """Sum of our model's log-probabilities of the continuation's tokens after the context (the
-    continuation's tokens are those of context + continuation after the context's, as lm-eval splits)."""
-    whole, ctx = sp.encode(context + continuation), sp.encode(context)
-    assert whole[:len(ctx)] == ctx
-    ids = torch.tensor([whole])
+    """Sum of our model's log-probabilities of the continuation's tokens after the context's tokens.
+
+    As lm-eval splits a pair: the context is encoded alone, the continuation's tokens are those of
+    ``encode(context + continuation)`` after the first ``len(encode(context))``."""
+    ctx = sp.encode(context)
+    seq = ctx + sp.encode(context + continuation)[len(ctx):]
     with torch.no_grad():
-        logp = torch.log_softmax(model(ids[:, :-1]).double(), dim=-1)[0]
-    return sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
+        logp = torch.log_softmax(model(torch.tensor([seq[:-1]])).double(), dim=-1)[0]
+    return sum(logp[i - 1, seq[i]].item() for i in range(len(ctx), len(seq)))
 
 
 @pytest.mark.parametrize("variant", ["llp", "gpt"])
@@ -37,11 +38,12 @@ def test_harness_loglikelihood_equals_ours(kjv_runs, tmp_path, variant):
     from lm_eval.models.huggingface import HFLM
 
     from llp_pretrain.hf.export import export_hf
+    from llp_pretrain.hf.harness import model_args
 
     out = export_hf(kjv_runs["runs"][variant], tmp_path / "hf")
     ours, _, _ = load_model(kjv_runs["runs"][variant])
     sp = spm.SentencePieceProcessor(model_file=str(kjv_runs["data"]["tokenizer"]))
-    lm = HFLM(pretrained=str(out), trust_remote_code=True, batch_size=3, dtype="float32", device="cpu")
+    lm = HFLM(**model_args(out), batch_size=3)  # what `llp-pretrain harness` passes
     reqs = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(PAIRS)]
     got = lm.loglikelihood(reqs)  # batches of 3 of different lengths: right padding inside the harness
     for (ctx, cont), (ll, _) in zip(PAIRS, got):

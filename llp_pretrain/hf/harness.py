@@ -3,7 +3,7 @@
 ``run_harness(CHECKPOINT, tasks)`` exports the checkpoint with ``--format hf`` into
 ``RUN/hf/<tag>`` (reused while its ``config.json`` records the same weights source and the same
 generated code), runs ``lm_eval.simple_evaluate(model="hf", model_args={"pretrained": that dir,
-"trust_remote_code": True, ...})`` and writes the results JSON (atomically) to
+"trust_remote_code": True, "prefix_token_id": EOS, ...})`` and writes the results JSON (atomically) to
 ``RUN/harness/results-<tag>-<time>.json``. With ``tensorboard=True`` each numeric score is logged as
 ``harness/<task>/<metric>`` at the checkpoint's step in ``RUN/tensorboard``. The local tasks of
 ``tasks.py`` (``kjv_next_verse``, ``kjv_ppl``) are written on demand; other tasks come from lm_eval's
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["ensure_export", "run_harness", "scalar_scores", "add_parser", "main"]
+__all__ = ["ensure_export", "model_args", "run_harness", "scalar_scores", "add_parser", "main"]
 
 
 def ensure_export(checkpoint) -> tuple:
@@ -39,6 +39,17 @@ def ensure_export(checkpoint) -> tuple:
     if not fresh:
         export_hf(tag_dir, out)
     return out, run_dir, int(ckpt.read_meta(tag_dir)["step"])
+
+
+def model_args(hf_dir, dtype: str = "float32", device: str = "cpu") -> Dict:
+    """lm_eval ``hf`` model arguments for an export. ``prefix_token_id`` is the EOS id: our shards put
+    EOS after every document (``docs/internals.md``) and never a BOS, so a document (and a rolling
+    perplexity window with no context) starts after EOS, as in training."""
+    args = {"pretrained": str(hf_dir), "trust_remote_code": True, "dtype": dtype, "device": device}
+    eos = json.loads((Path(hf_dir) / "config.json").read_text()).get("eos_token_id")
+    if eos is not None:
+        args["prefix_token_id"] = int(eos)
+    return args
 
 
 def scalar_scores(results: Dict) -> Dict[str, float]:
@@ -76,8 +87,7 @@ def run_harness(checkpoint, tasks: Sequence[str], limit: Optional[float] = None,
         paths.append(str(write_kjv_tasks(run_dir / "harness" / "tasks")))
     manager = TaskManager(include_path=paths or None)
     res = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": str(hf_dir), "trust_remote_code": True, "dtype": dtype,
-                                "device": device},
+        model="hf", model_args=model_args(hf_dir, dtype, device),
         tasks=tasks, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, task_manager=manager,
         log_samples=False)
     out_dir = run_dir / "harness"
