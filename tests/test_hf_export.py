@@ -56,6 +56,10 @@ def test_logits_equal_ours_fp32(exported, kjv_runs, variant):
             a, b = hf(x).logits, ours(x)
             assert a.dtype == torch.float32 and a.shape == b.shape
             assert (a - b).abs().max().item() <= 1e-5
+        x = ids[:, :SEQ_LEN]
+        loss = hf(x, labels=x).loss  # transformers' shifted mean next-token cross-entropy
+        want = torch.nn.functional.cross_entropy(ours(x)[0, :-1], x[0, 1:])
+        assert abs(loss.item() - want.item()) <= 1e-5
 
 
 @pytest.mark.parametrize("variant", ["llp", "gpt"])

@@ -85,11 +85,13 @@ def export_hf(path, out, max_shard_size=DEFAULT_MAX_SHARD) -> Path:
     do not match the config, a tokenizer the export cannot reproduce, ``out`` exists and is not an
     earlier export). Returns ``out``."""
     from llp_pretrain.export import find_tokenizer, load_checkpoint_weights
+    from llp_pretrain.hf import require_eval_extra
     from llp_pretrain.hf.bundle import bundle_sources
     from llp_pretrain.hf.card import model_card
     from llp_pretrain.hf.tokenizer import write_tokenizer
     from llp_pretrain.models import build_model
 
+    require_eval_extra("export --format hf")
     out = Path(out)
     if out.exists() and not (out / "config.json").is_file():
         raise ValueError(f"{out}: exists and is not an exported directory; choose a new OUT")

@@ -72,6 +72,9 @@ def run_harness(checkpoint, tasks: Sequence[str], limit: Optional[float] = None,
                 dtype: str = "float32", num_fewshot: Optional[int] = None) -> Dict:
     """Run lm-evaluation-harness ``tasks`` on ``checkpoint``; returns ``{"results": lm_eval's dict,
     "path": results JSON, "scores": scalar_scores}``. Raises ``ValueError`` for an empty task list."""
+    from llp_pretrain.hf import require_eval_extra
+
+    require_eval_extra("harness")
     import lm_eval
     from lm_eval.tasks import TaskManager
 
