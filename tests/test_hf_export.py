@@ -67,10 +67,10 @@ def test_generate_matches_ours_past_the_window(exported, kjv_runs, variant):
     hf = _load(exported[variant])
     ours, _, _ = load_model(kjv_runs["runs"][variant])
     ids = _ids(exported[variant])
-    for prompt_len in (5, SEQ_LEN + 3):  # a short prompt that grows past seq_len, and a long one
+    for prompt_len in (SEQ_LEN - 24, SEQ_LEN + 3):  # a prompt that grows past seq_len, and a longer one
         prompt = ids[:, :prompt_len]
-        got = hf.generate(prompt, max_new_tokens=SEQ_LEN + 10, do_sample=False, eos_token_id=None)
-        want = ours.generate(prompt[0], SEQ_LEN + 10, temperature=0)
+        got = hf.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=None)
+        want = ours.generate(prompt[0], 32, temperature=0)
         assert torch.equal(got[0], want)
     beams = hf.generate(ids[:, :8], max_new_tokens=12, do_sample=False, num_beams=3, eos_token_id=None)
     assert beams.shape == (1, 20) and torch.equal(beams[0, :8], ids[0, :8])
