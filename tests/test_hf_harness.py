@@ -86,3 +86,6 @@ def test_harness_cli_end_to_end(kjv_runs, capsys):
 def test_harness_refuses_empty_tasks(kjv_runs, capsys):
     assert cli_main(["harness", "--checkpoint", str(kjv_runs["runs"]["llp"]), "--tasks", ","]) == 2
     assert "--tasks is empty" in capsys.readouterr().err
+    assert cli_main(["harness", "--checkpoint", str(kjv_runs["runs"]["llp"]), "--tasks", "kjv_ppl,no_such_task"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown lm-eval task(s) no_such_task" in err

@@ -19,6 +19,18 @@ from typing import Dict, List, Optional, Sequence
 __all__ = ["ensure_export", "model_args", "run_harness", "scalar_scores", "add_parser", "main"]
 
 
+def _is_export(p: Path) -> bool:
+    return (p / "config.json").is_file() and (p / "modeling_llp_pretrain.py").is_file()
+
+
+def _run_dir(checkpoint) -> Path:
+    """The run directory of a checkpoint path (an export directory is its own)."""
+    from llp_pretrain.export import resolve_checkpoint
+
+    p = Path(checkpoint)
+    return p if _is_export(p) else resolve_checkpoint(p).parent.parent
+
+
 def ensure_export(checkpoint) -> tuple:
     """``(hf_dir, run_dir, step)`` for ``checkpoint``: an exported directory itself, or the export of a
     checkpoint into ``RUN/hf/<tag>`` (made when missing or stale)."""
@@ -28,7 +40,7 @@ def ensure_export(checkpoint) -> tuple:
     from llp_pretrain.hf.export import export_hf
 
     p = Path(checkpoint)
-    if (p / "config.json").is_file() and (p / "modeling_llp_pretrain.py").is_file():
+    if _is_export(p):
         step = json.loads((p / "config.json").read_text()).get("llp_step")
         return p, p, step
     tag_dir = resolve_checkpoint(p)
@@ -84,11 +96,16 @@ def run_harness(checkpoint, tasks: Sequence[str], limit: Optional[float] = None,
     tasks = [t for t in tasks if t]
     if not tasks:
         raise ValueError("--tasks is empty; name lm-eval tasks, e.g. kjv_next_verse,kjv_ppl or hellaswag")
-    hf_dir, run_dir, step = ensure_export(checkpoint)
+    run_dir = _run_dir(checkpoint)
     paths: List[str] = [include_path] if include_path else []
     if any(t in LOCAL_TASKS for t in tasks):
         paths.append(str(write_kjv_tasks(run_dir / "harness" / "tasks")))
     manager = TaskManager(include_path=paths or None)
+    unknown = [t for t in tasks if not t.endswith((".yaml", ".yml")) and not manager.match_tasks([t])]
+    if unknown:
+        raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}: see `lm_eval ls tasks`; local tasks: "
+                         f"{', '.join(LOCAL_TASKS)}; your own YAMLs: --include-path DIR")
+    hf_dir, run_dir, step = ensure_export(checkpoint)
     res = lm_eval.simple_evaluate(
         model="hf", model_args=model_args(hf_dir, dtype, device),
         tasks=tasks, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, task_manager=manager,
