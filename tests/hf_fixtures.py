@@ -43,9 +43,15 @@ def kjv_runs(tmp_path_factory):
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    w = tmp_path_factory.mktemp("hf_runs")
-    data = prepare_dataset(w / "data", SEQ_LEN, vocab_size=1000, val_fraction=0.02, log=lambda m: None)
+    # one directory per session: each test module that imports this fixture gets its own fixture
+    # instance, and the second finds the first one's finished runs
+    w = tmp_path_factory.getbasetemp() / "hf_runs"
     runs = {"llp": w / "run_llp", "gpt": w / "run_gpt", "perceiver_ar": w / "run_perceiver_ar"}
+    data = {"tokenizer": w / "data" / "tokenizer" / "tokenizer.model", "shards": w / "data" / "shards"}
+    if (w / "done").is_file():
+        return {"data": data, "runs": runs, "dir": w}
+    w.mkdir(exist_ok=True)
+    data = prepare_dataset(w / "data", SEQ_LEN, vocab_size=1000, val_fraction=0.02, log=lambda m: None)
     jobs = [{"config": run_config(data, runs["llp"], "llp", segment_len=16, tie_embeddings=True)},
             {"config": run_config(data, runs["gpt"], "gpt")},
             {"config": run_config(data, runs["perceiver_ar"], "perceiver_ar", latent_len=16)}]
@@ -54,4 +60,5 @@ def kjv_runs(tmp_path_factory):
     p = subprocess.run([sys.executable, "-m", "llp_pretrain.testing", "train-many", str(spec)], cwd=REPO,
                        env=clean_env(), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    (w / "done").write_text("ok\n")
     return {"data": data, "runs": runs, "dir": w}
