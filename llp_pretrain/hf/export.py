@@ -84,7 +84,7 @@ def export_hf(path, out, max_shard_size=DEFAULT_MAX_SHARD) -> Path:
     Raises ``FileNotFoundError`` (no checkpoint), ``ValueError`` (unsupported variant, weights that
     do not match the config, a tokenizer the export cannot reproduce, ``out`` exists and is not an
     earlier export). Returns ``out``."""
-    from llp_pretrain.export import find_tokenizer, load_checkpoint_weights
+    from llp_pretrain.export import find_tokenizer, load_checkpoint_weights, resolve_checkpoint
     from llp_pretrain.hf import require_eval_extra
     from llp_pretrain.hf.bundle import bundle_sources
     from llp_pretrain.hf.card import model_card
@@ -93,10 +93,10 @@ def export_hf(path, out, max_shard_size=DEFAULT_MAX_SHARD) -> Path:
 
     require_eval_extra("export --format hf")
     out = Path(out)
-    if out.exists() and not (out / "config.json").is_file():
+    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise ValueError(f"{out}: exists and is not an exported directory; choose a new OUT")
+    check_variant(ckpt.read_meta(resolve_checkpoint(path))["model"]["variant"])  # before loading weights
     state, model_cfg, tag_dir = load_checkpoint_weights(path)
-    check_variant(model_cfg["variant"])
     meta = ckpt.read_meta(tag_dir)
     tok = find_tokenizer(tag_dir)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -116,7 +116,7 @@ def export_hf(path, out, max_shard_size=DEFAULT_MAX_SHARD) -> Path:
             n_params = build_model(model_cfg).num_params()
         (tmp / "README.md").write_text(model_card(model_cfg, meta, n_params, tag_dir.parent.parent, tok is not None))
         if out.exists():
-            shutil.rmtree(out)
+            shutil.rmtree(out)  # an earlier export (checked above) or an empty directory
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
