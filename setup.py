@@ -5,6 +5,8 @@ Install torch first (``pip install torch==2.13.0`` for the CPU wheel, or your CU
 """
 from setuptools import find_packages, setup
 
+EVAL = ["transformers>=5.24,<6", "lm-eval[hf]>=0.4.13,<0.5", "protobuf>=3.20"]
+
 setup(
     name="llp-pretrain",
     version="0.1.0",
@@ -21,6 +23,7 @@ setup(
     package_data={
         "data_prep": ["data/kjv.txt.gz", "data/README.md"],
         "llp_pretrain.configs": ["*.yaml", "deepspeed/*.json", "compare/*.yaml"],
+        "llp_pretrain.hf": ["remote/*.py"],
     },
     include_package_data=True,
     install_requires=[
@@ -39,7 +42,11 @@ setup(
         "pyarrow>=14",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "pillow>=9"],
+        # `llp-pretrain export --format hf` and `llp-pretrain harness` (docs/huggingface.md); the
+        # exported code targets the transformers 5 API (Cache objects passed as `cache=`)
+        "eval": EVAL,
+        # the suite tests the transformers export and the harness too, so it needs EVAL
+        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "pillow>=9"] + EVAL,
     },
     entry_points={
         "console_scripts": [

@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("export", "consolidated safetensors weights + model config (also from ZeRO-3)")
     p.add_argument("checkpoint", help="run dir, checkpoints dir or stepNNNNNNNN tag dir")
     p.add_argument("out", help="directory to write (created; an existing file is refused)")
+    p.add_argument("--format", choices=["safetensors", "hf"], default="safetensors",
+                   help="safetensors: weights + model_config.json; hf: a transformers directory")
+    p.add_argument("--max-shard-size", default="5GB", help="--format hf: shard model.safetensors above this size")
+    from llp_pretrain.hf.harness import add_parser as add_harness_parser
+
+    add_harness_parser(add)
 
     p = add("quickstart", "tokenizer + shards + training + eval + sample on the bundled corpus")
     p.add_argument("--out", default="runs/quickstart", help="directory for data/ and run/")
@@ -291,6 +297,12 @@ def _cmd_generate(args, out) -> int:
 def _cmd_export(args, out) -> int:
     from llp_pretrain.export import export_checkpoint
 
+    if args.format == "hf":
+        from llp_pretrain.hf.export import export_hf
+
+        print(f"wrote {export_hf(args.checkpoint, args.out, args.max_shard_size)} (transformers, trust_remote_code)",
+              file=out)
+        return 0
     d = export_checkpoint(args.checkpoint, args.out)
     print(f"wrote {d / 'model.safetensors'} and {d / 'model_config.json'}", file=out)
     return 0
@@ -364,6 +376,12 @@ def _os_error_line(e: OSError) -> str:
     return f"{line}; {hint}" if hint else line
 
 
+def _cmd_harness(args) -> int:
+    from llp_pretrain.hf.harness import main as harness_main
+
+    return harness_main(args)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``llp-pretrain`` console script.
 
@@ -376,7 +394,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         quiet_other_ranks()
     handlers = {"train": _cmd_train, "check-config": _cmd_check, "eval": _cmd_eval, "generate": _cmd_generate,
                 "export": _cmd_export, "quickstart": _cmd_quickstart,
-                "compare": _cmd_compare}
+                "compare": _cmd_compare, "harness": _cmd_harness}
     try:
         from data_prep.errors import DataPrepError
     except ImportError:  # pragma: no cover - data_prep ships with llp_pretrain
