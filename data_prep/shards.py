@@ -30,7 +30,7 @@ from .errors import SKIP_KINDS, DataPrepError, SkipCounter
 from .inputs import PIECE_CHARS, ReadOptions, discover, iter_documents, warn
 from .manifest import (FORMAT_VERSION, MANIFEST, PARTIAL_SUFFIX, RUN_MARKER, SHARD_RE, SPLITS,
                        ensure_dir, fingerprint, sample_key, shard_name, strip_execution_only,
-                       write_json_atomic)
+                       write_atomic, write_json_atomic)
 from .progress import Progress
 from .tokenizer import load_tokenizer, model_file, special_ids
 
@@ -326,18 +326,8 @@ def copy_tokenizer(model_path: Path, out: Path) -> None:
     dst = out / TOKENIZER_COPY
     if dst.exists() and os.path.samefile(dst, model_path):
         return
-    tmp = out / f".{TOKENIZER_COPY}.{os.getpid()}.tmp"
-    try:
-        with open(model_path, "rb") as src, open(tmp, "wb") as f:
-            shutil.copyfileobj(src, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None:
-            e.filename = str(dst)
-        raise
+    with open(model_path, "rb") as src:
+        write_atomic(dst, lambda f: shutil.copyfileobj(src, f))
 
 
 def _existing_fingerprint(path: Path) -> Optional[str]:

@@ -11,6 +11,7 @@ from llp_pretrain.models import LATENT_VARIANTS, VARIANTS, ModelConfig, build_mo
 from llp_pretrain.models.flops import forward_flops_breakdown
 from llp_pretrain.models.generation import decode_step, prefill
 from test_models_causality import CASES, dependency, expected_causal
+from test_models_core import cfg_for
 
 LLAMA = dict(norm="rmsnorm", mlp="swiglu", bias=False, n_kv_heads=1)
 OPTION_SETS = {
@@ -51,17 +52,7 @@ def test_outputs_depend_exactly_on_past_tokens(variant, kw, N, opts):
 
 
 def _cfg(variant, **kw):
-    base = dict(variant=variant, vocab_size=17, d_model=16, n_heads=4, n_layers=2, seq_len=12)
-    if variant == "llp":
-        base["segment_len"] = 4
-    if variant in LATENT_VARIANTS:
-        base["latent_len"] = 4
-    if variant == "segmented_history":
-        base["history_segments"] = 2
-    if variant == "compressed_history":
-        base["compression_len"] = 3
-    base.update(kw)
-    return ModelConfig(**base)
+    return cfg_for(variant, **{"n_heads": 4, **kw})  # 4 heads: room for 2- and 1-head K/V groups
 
 
 @pytest.mark.parametrize("n_kv_heads", [1, 2])
