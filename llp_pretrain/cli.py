@@ -245,7 +245,7 @@ def load_tokenizer(path, checkpoint: Optional[str] = None):
     SentencePiece model, or (with ``checkpoint``) not the tokenizer that checkpoint was trained with."""
     import sentencepiece as spm
 
-    from llp_pretrain.engine import file_sha256
+    from data_prep.tokenizer import file_sha256
     from llp_pretrain.export import tokenizer_hashes
 
     p = Path(path)
