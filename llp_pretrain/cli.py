@@ -362,6 +362,8 @@ def _os_error_line(e: OSError) -> str:
     """One line for an operating-system error: the path, what happened and what to do."""
     where = e.filename
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if e.strerror and e.strerror.startswith("no space left"):  # raised by our code with a whole message
+            return e.strerror
         return (str(e) if str(e).startswith("no space left")  # checkpoint.DiskFullError: the whole message
                 else f"no space left on the device holding {where or 'the output'}; free space and rerun")
     if e.strerror is None:  # raised by our code with a whole message

@@ -199,20 +199,21 @@ def find_config_file(name: str, relative_to: Optional[Path] = None) -> Path:
 
 
 def read_manifest(path: str | os.PathLike) -> Dict[str, Any]:
-    """Read ``DIR/manifest.json`` of a dataset directory (``docs/internals.md``).
+    """Read and type-check ``DIR/manifest.json`` of a dataset directory with ``llp-prep``'s own reader
+    (``data_prep.manifest.read_manifest``: one reader for both sides).
 
-    Raises ``FileNotFoundError`` / ``ValueError`` naming the file when it is missing or unreadable.
-    """
+    Raises ``FileNotFoundError`` when it is missing and ``ValueError`` naming the file and key when it is
+    not JSON, of another format version, or holds a value of the wrong type."""
+    from data_prep.errors import DataPrepError
+    from data_prep.manifest import read_manifest as read_checked
+
     m = Path(path) / "manifest.json"
     if not m.is_file():
         raise FileNotFoundError(f"{m}: no manifest.json; is {path} a dataset directory written by `llp-prep shard`?")
     try:
-        data = json.loads(m.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{m}: line {e.lineno}: not valid JSON ({e.msg}); rerun `llp-prep shard`") from e
-    if data.get("format_version") != 1:
-        raise ValueError(f"{m}: format_version {data.get('format_version')!r} is not supported (expected 1)")
-    return data
+        return read_checked(path)
+    except DataPrepError as e:
+        raise ValueError(str(e)) from None
 
 
 # --------------------------------------------------------------------------------------------

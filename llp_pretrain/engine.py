@@ -38,7 +38,7 @@ from llp_pretrain.config import RunConfig, dump_yaml, resolve_tokenizer, resolve
 from llp_pretrain.data import DataLayoutError, TrainStream, make_train_loader, read_split_stream
 from llp_pretrain.evaluate import bytes_per_token, score_windows, summarize, window_plan
 from llp_pretrain.monitor import Monitor, format_eta, measure_peak_flops, memory_gb
-from llp_pretrain.run_identity import check_resume_identity, clear_run, run_hashes, start_point
+from llp_pretrain.run_identity import check_resume_identity, clear_run, hold_run_lock, run_hashes, start_point
 from llp_pretrain.schedule import lr_at, resumed_schedule, schedule_meta
 
 __all__ = ["DistInfo", "setup_distributed", "lr_at", "compute_loss", "SequenceParallelContext",
@@ -386,6 +386,7 @@ def train(cfg: RunConfig, resume: Optional[str] = None, overwrite: bool = False)
                       f"{t.max_steps}: nothing to do", flush=True)
             return TrainResult(step=int(meta["step"]), loss=None, stopped_by="max_steps",
                                skipped_steps=int(meta.get("skipped_steps", 0)), val=None, run_dir=str(run_dir))
+    _hold_run_dir(run_dir, d)
     if d.rank == 0:
         if overwrite:
             clear_run(run_dir)
@@ -655,6 +656,24 @@ def train(cfg: RunConfig, resume: Optional[str] = None, overwrite: bool = False)
         signals.restore()
     return TrainResult(step=step, loss=last_loss, stopped_by=stopped_by, skipped_steps=skipped_total, val=val,
                        run_dir=str(run_dir))
+
+
+def _hold_run_dir(run_dir: Path, d: DistInfo) -> None:
+    """Rank 0 takes the run directory's lock (:func:`~llp_pretrain.run_identity.hold_run_lock`); every
+    rank learns the outcome (one all-reduce), so a refusal ends all ranks, none waits at a barrier.
+    Raises ``ValueError``."""
+    import torch.distributed as dist
+
+    err = ""
+    if d.rank == 0:
+        try:
+            hold_run_lock(run_dir)
+        except ValueError as e:
+            err = str(e)
+    flag = torch.tensor([1.0 if err else 0.0], device=d.device if d.device.type == "cuda" else None)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        raise ValueError(err or f"{run_dir} is in use by another training process (see rank 0's message)")
 
 
 def _grad_norm(module) -> float:
