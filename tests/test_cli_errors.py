@@ -293,7 +293,8 @@ def test_every_option_has_help_and_shows_its_default():
 
     ap = build_parser()
     subs = [a for a in ap._actions if isinstance(a, argparse._SubParsersAction)][0]  # noqa: SLF001
-    assert set(subs.choices) == {"train", "check-config", "eval", "generate", "export", "quickstart", "compare"}
+    assert set(subs.choices) == {"train", "check-config", "eval", "generate", "export", "quickstart", "compare",
+                                 "harness"}
     for name, sp in subs.choices.items():
         text = sp.format_help()
         for act in sp._actions:  # noqa: SLF001
