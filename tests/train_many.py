@@ -38,6 +38,7 @@ class PauseAfterStep:
 
         while not all_reduce([float(trainer.stop.signals.flag)], op="max", device=trainer.d.reduce_device)[0]:
             time.sleep(0.05)
+        trainer.stop.request("signal")  # every rank leaves the loop above at the same poll
 
 
 def install_pause_from_env() -> None:

@@ -3,6 +3,7 @@
 Logged (TensorBoard and one console line, rank 0): ``train/loss`` (mean over the window's
 non-skipped steps and all ranks), ``train/lr``, ``train/grad_norm``, ``train/tokens_per_sec``
 (global), ``train/mfu`` (model FLOPs utilisation: ``flops_per_token * tokens/s / (peak * world)``),
+``train/peak_flops`` (the per-process peak in use; ``training.peak``),
 ``train/step_time`` (seconds), ``train/data_wait_fraction``, ``train/memory_gb``,
 ``train/skipped_steps``.
 """
@@ -13,17 +14,16 @@ from typing import Optional
 
 from llp_pretrain.monitor import Monitor, format_eta, memory_gb
 
-from .distributed import all_reduce
-
 __all__ = ["StepOutcome", "MetricsLogger"]
 
 
 @dataclass
 class StepOutcome:
     """What one optimizer step reports: mean ``loss`` over its micro-batches (nats/token; None when the
-    step was skipped), whether it was ``skipped`` (non-finite loss on some rank), the ``lr`` it
-    applied, the ZeRO-0 ``grad_norm`` (None otherwise: DeepSpeed reports it), and seconds spent:
-    ``time`` in total and ``wait`` for data."""
+    step was skipped; averaged over all ranks), whether it was ``skipped`` (non-finite loss on some
+    rank), the ``lr`` it applied, the ZeRO-0 ``grad_norm`` (a 0-dim tensor, NaN when skipped; None for
+    ZeRO 1-3: DeepSpeed reports it), seconds spent: ``time`` in total and ``wait`` for data, and the
+    caller's per-step ``flags`` summed over all ranks."""
 
     loss: Optional[float]
     skipped: bool
@@ -31,6 +31,7 @@ class StepOutcome:
     grad_norm: Optional[float]
     time: float = 0.0
     wait: float = 0.0
+    flags: tuple = ()
 
 
 class MetricsLogger:
@@ -38,15 +39,14 @@ class MetricsLogger:
 
     Args:
         cfg: the run config; ``d``: the ``DistInfo``; ``monitor``: the :class:`Monitor`;
-        peak_flops: per-process peak FLOP/s (the MFU denominator; see ``llp_pretrain.monitor``);
+        peak: the per-process :class:`~llp_pretrain.training.peak.Peak` (the MFU denominator);
         flops_per_token: training FLOPs per token of the model at ``seq_len``.
     """
 
-    def __init__(self, cfg, d, monitor: Monitor, peak_flops: float, flops_per_token: float):
+    def __init__(self, cfg, d, monitor: Monitor, peak, flops_per_token: float):
         self.cfg, self.d, self.monitor = cfg, d, monitor
-        self.peak, self.flops_tok = peak_flops, flops_per_token
+        self.peak, self.flops_tok = peak, flops_per_token
         self.last_loss: Optional[float] = None
-        self._warned_mfu = False
         self._reset()
 
     def _reset(self) -> None:
@@ -65,23 +65,19 @@ class MetricsLogger:
         return step % t.log_interval == 0 or step == t.max_steps
 
     def log(self, step: int, out: StepOutcome, grad_norm, skipped_total: int) -> None:
-        """Log the window ending at ``step`` (collective: every rank calls it) and start a new one."""
+        """Log the window ending at ``step`` (every rank calls it; no collective: the step losses are
+        already averaged over ranks) and start a new one."""
         t, win = self.cfg.train, self.win
-        red = all_reduce([win["loss"], win["loss_steps"]], device=self.d.reduce_device)
-        mean_loss = red[0] / red[1] if red[1] else float("nan")
+        mean_loss = win["loss"] / win["loss_steps"] if win["loss_steps"] else float("nan")
         self.last_loss = mean_loss
         step_time = win["time"] / win["steps"]
         tok_s = t.global_batch_size * self.cfg.model.seq_len / step_time
-        mfu = self.flops_tok * tok_s / (self.peak * self.d.world_size)
-        if mfu > 1.0 and not t.peak_flops and not self._warned_mfu:
-            self._warned_mfu = True
-            self.monitor.console(f"[llp-pretrain] warning: MFU {100 * mfu:.0f}% > 100%: the start-up peak "
-                                 f"measurement ({self.peak / 1e9:.1f} GFLOP/s per rank) was slowed by other load on "
-                                 f"this machine; set train.peak_flops to the device's peak FLOP/s")
+        mfu = self._mfu(self.flops_tok * tok_s / self.d.world_size)
         gn = float(grad_norm) if grad_norm is not None else None
         self.monitor.scalars(step, {
             "train/loss": mean_loss, "train/lr": out.lr, "train/grad_norm": gn,
-            "train/tokens_per_sec": tok_s, "train/mfu": mfu, "train/step_time": step_time,
+            "train/tokens_per_sec": tok_s, "train/mfu": mfu, "train/peak_flops": self.peak.flops,
+            "train/step_time": step_time,
             "train/data_wait_fraction": win["wait"] / max(win["time"], 1e-12),
             "train/memory_gb": memory_gb(), "train/skipped_steps": skipped_total,
         })
@@ -91,3 +87,17 @@ class MetricsLogger:
                              f"mfu {100 * mfu:.1f}% | eta {format_eta(eta)}")
         self.monitor.flush()
         self._reset()
+
+    def _mfu(self, achieved: float) -> float:
+        """``achieved / peak`` for the per-process model FLOP/s ``achieved``, never above 1: a peak that
+        the model beats is wrong (a start-up measurement slowed by other load is only a lower bound; a
+        configured or tabled value may be mistaken), so the peak in use becomes ``achieved`` and a
+        console line says so. ``train/peak_flops`` records the value used at every log."""
+        if achieved > self.peak.flops:
+            hint = ("the start-up measurement was slowed by other load" if self.peak.measured
+                    else f"{self.peak.source} is too low")
+            self.monitor.console(f"[llp-pretrain] warning: the model runs at {achieved / 1e9:.1f} GFLOP/s per process, "
+                                 f"above the peak in use ({self.peak.flops / 1e9:.1f} GFLOP/s: {hint}); MFU is now "
+                                 "relative to the achieved rate (set train.peak_flops to the device's peak FLOP/s)")
+            self.peak.flops = achieved
+        return achieved / self.peak.flops

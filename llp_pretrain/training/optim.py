@@ -57,10 +57,11 @@ def make_scheduler(optimizer, lr_fn: Callable[[int], float], base_lr: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_fn(s) / base_lr)
 
 
-def grad_norm(module) -> float:
-    """Global L2 norm of the (already data-parallel reduced) gradients of ``module``."""
+def grad_norm(module) -> torch.Tensor:
+    """Global L2 norm of the (already data-parallel reduced) gradients of ``module``: a 0-dim float32
+    tensor on the gradients' device (no host synchronisation)."""
     norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
 def discard_step(engine, stage: int) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from llp_pretrain.config import RunConfig, resolve_tokenizer, resolved_precision
 from llp_pretrain.data import TrainStream, make_train_loader
-from llp_pretrain.monitor import Monitor, measure_peak_flops
+from llp_pretrain.monitor import Monitor
 from llp_pretrain.run_identity import run_hashes
 
 from . import callbacks as _callbacks
@@ -23,6 +23,7 @@ from .checkpointer import Checkpointer, resolve_start
 from .distributed import setup_distributed
 from .evaluation import Evaluator, log_val, sample_text
 from .metrics import MetricsLogger, StepOutcome
+from .peak import Peak, resolve_peak
 from .setup import Built, build_engine, prepare_run_dir
 from .step import train_step
 from .stop import StopDecision
@@ -92,10 +93,10 @@ class Trainer:
         self.metrics = MetricsLogger(cfg, d, self.monitor, peak, built.flops_per_token)
         self.evaluator = Evaluator(cfg, d, self.engine, self.monitor.console)
         self.last_saved = self.step if self.start.where is not None else -1
-        self.stop = StopDecision(cfg.train.time_limit_minutes, self.d.reduce_device)
+        self.stop = StopDecision(cfg.train.time_limit_minutes)
 
-    def _start_loader(self) -> float:
-        """Open the training stream at this run's data position; returns the MFU peak FLOP/s."""
+    def _start_loader(self) -> Peak:
+        """Open the training stream at this run's data position; returns the MFU peak."""
         cfg, d, t = self.cfg, self.d, self.cfg.train
         stream = TrainStream(cfg.data.path, d.dp_size, d.dp_rank, cfg.data.num_workers, t.micro_batch_size, t.seed,
                              cfg.data.shuffle_buffer,
@@ -104,11 +105,11 @@ class Trainer:
                              on_corrupt=cfg.data.on_corrupt)
         bf16_gpu = resolved_precision(t) == "bf16" and d.device.type == "cuda"
         # measured before the loader's workers start, so they do not compete with the measurement
-        peak = t.peak_flops or measure_peak_flops(d.device, torch.bfloat16 if bf16_gpu else torch.float32)
+        peak = resolve_peak(t.peak_flops, d, torch.bfloat16 if bf16_gpu else torch.float32)
         self.loader = iter(make_train_loader(stream))
         return peak
 
-    def _open_monitor(self, built: Built, peak: float) -> Monitor:
+    def _open_monitor(self, built: Built, peak: Peak) -> Monitor:
         cfg, d, t = self.cfg, self.d, self.cfg.train
         prec = resolved_precision(t)
         # a fresh start hides events a killed earlier attempt left at any step (purge from step 1)
@@ -117,13 +118,14 @@ class Trainer:
             hp = {**{f"model.{k}": v for k, v in self.resolved["model"].items()},
                   **{f"train.{k}": v for k, v in self.resolved["train"].items()},
                   "zero_stage": built.stage, "world_size": d.world_size, "data_parallel_size": d.dp_size,
-                  "sequence_parallel_size": d.sp_size, "params": built.n_params, "peak_flops": peak,
+                  "sequence_parallel_size": d.sp_size, "params": built.n_params, "peak_flops": peak.flops,
                   "precision": prec}
             monitor.hparams(hp, {"val/loss": float("nan"), "val/ppl": float("nan")})
         monitor.console(f"[llp-pretrain] {cfg.model.variant} {built.n_params / 1e6:.2f}M params | world "
                         f"{d.world_size} (dp {d.dp_size} x sp {d.sp_size}) | ZeRO-{built.stage} | {prec} | global "
                         f"batch {t.global_batch_size} = {t.micro_batch_size} x {t.grad_accum_steps} x {d.dp_size} | "
-                        f"seq_len {cfg.model.seq_len} | steps {self.step}->{t.max_steps}")
+                        f"seq_len {cfg.model.seq_len} | steps {self.step}->{t.max_steps} | MFU peak "
+                        f"{peak.flops / 1e12:.3g} TFLOP/s per process ({peak.source})")
         return monitor
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -132,7 +134,7 @@ class Trainer:
 
         Raises ``FloatingPointError`` after ``train.max_nonfinite_steps`` non-finite steps in a row."""
         t = self.cfg.train
-        if self.engine is None:
+        if self.start.already_done(t.max_steps):
             if self.d.rank == 0:
                 print(f"[llp-pretrain] {self.start.path} is already at step {self.step} >= train.max_steps "
                       f"{t.max_steps}: nothing to do", flush=True)
@@ -141,8 +143,9 @@ class Trainer:
         try:
             while self.step < t.max_steps:
                 out = train_step(self.engine, self.loader, self.sp, self.d, t.grad_accum_steps, self.stage,
-                                 resolved_precision(t))
+                                 resolved_precision(t), flags=self.stop.local_flags)
                 self.step += 1
+                self.stop.agree(out.flags)
                 nonfinite_run = self._count_nonfinite(out, nonfinite_run)
                 self.metrics.record(out)
                 if self.metrics.due(self.step):
@@ -198,12 +201,17 @@ class Trainer:
                            val=self.val, run_dir=str(self.run_dir))
 
     def close(self) -> None:
-        """Shut down in a fixed order, on every exit path: the loader's workers (dropping the only
-        reference to its iterator stops them now, also while an error is on its way out), TensorBoard,
-        the signal handlers. Idempotent."""
+        """Shut down in a fixed order, on every exit path (finished, signal, time limit, an error):
+        the loader's workers (dropping the only reference to its iterator stops them now, also while
+        an error is on its way out), TensorBoard, DeepSpeed's engine (``engine.destroy()``), the signal
+        handlers. The process group is destroyed last by whoever formed it
+        (``training.distributed.destroy_process_group``; the CLI does). Idempotent."""
         self.loader = None
         if self.monitor is not None:
             self.monitor.close()
+        if self.engine is not None:
+            engine, self.engine = self.engine, None
+            engine.destroy()
         if self.stop is not None:
             self.stop.close()
 
