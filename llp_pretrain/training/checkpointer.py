@@ -16,7 +16,7 @@ from llp_pretrain.config import RunConfig, dump_yaml
 from llp_pretrain.run_identity import check_resume_identity, start_point
 from llp_pretrain.schedule import resumed_schedule, schedule_meta
 
-__all__ = ["layout_meta", "check_resume_layout", "StartPoint", "resolve_start", "Checkpointer"]
+__all__ = ["layout_meta", "check_resume_world", "check_resume_layout", "StartPoint", "resolve_start", "Checkpointer"]
 
 
 def layout_meta(cfg: RunConfig, d) -> Dict[str, Any]:
@@ -26,10 +26,13 @@ def layout_meta(cfg: RunConfig, d) -> Dict[str, Any]:
             "num_workers": cfg.data.num_workers, "seed": cfg.train.seed, "shuffle_buffer": cfg.data.shuffle_buffer}
 
 
-def check_resume_layout(meta: Dict[str, Any], cfg: RunConfig, d, where: str) -> None:
-    """Fail up front (``ValueError``) when a checkpoint's layout differs from this run's in a way
-    that breaks exact resume, saying how to proceed."""
-    old, new = meta.get("layout", {}), layout_meta(cfg, d)
+def check_resume_world(meta: Dict[str, Any], world_size: int, sequence_parallel_size: int, where: str) -> None:
+    """Fail (``ValueError``) when a checkpoint was written with another data-parallel x
+    sequence-parallel layout than ``world_size`` processes give, saying how to proceed. Used by the
+    trainer and by the launchers' pre-flight check (``launch_utils layout``), before any start-up."""
+    old = meta.get("layout", {})
+    new = {"world_size": world_size, "data_parallel_size": world_size // sequence_parallel_size,
+           "sequence_parallel_size": sequence_parallel_size}
     if (old.get("data_parallel_size") != new["data_parallel_size"]
             or old.get("sequence_parallel_size") != new["sequence_parallel_size"]):
         raise ValueError(
@@ -40,6 +43,14 @@ def check_resume_layout(meta: Dict[str, Any], cfg: RunConfig, d, where: str) -> 
             f"cannot be resumed exactly. Either relaunch with {old.get('world_size')} processes, or convert it: "
             f"`llp-pretrain export {where} WEIGHTS_DIR` and start a new run with `--set train.init_from=WEIGHTS_DIR` "
             f"(weights kept; optimizer state, LR schedule and data position start afresh).")
+
+
+def check_resume_layout(meta: Dict[str, Any], cfg: RunConfig, d, where: str) -> None:
+    """Fail up front (``ValueError``) when a checkpoint's layout differs from this run's in a way
+    that breaks exact resume (:func:`check_resume_world`, then the settings the data position
+    depends on), saying how to proceed."""
+    check_resume_world(meta, d.world_size, d.sp_size, where)
+    old, new = meta.get("layout", {}), layout_meta(cfg, d)
     diffs = [k for k in ("micro_batch_size", "grad_accum_steps", "num_workers", "seed", "shuffle_buffer")
              if old.get(k) != new[k]]
     if diffs:
