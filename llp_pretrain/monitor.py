@@ -130,10 +130,13 @@ class Monitor:
         from torch.utils.tensorboard.summary import hparams as hp_summary
 
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-        exp, ssi, sei = hp_summary(clean, metrics)
-        fw = self.writer._get_file_writer()
-        for s in (exp, ssi, sei):
-            fw.add_summary(s)
+        for summary in hp_summary(clean, metrics):
+            self.writer.file_writer.add_summary(summary)
+
+    # ``SummaryWriter.add_hparams`` would write the summaries to a second writer in a sub-directory
+    # and log ``metrics`` as scalars at step 0 (duplicate, NaN ``val/*`` points); so the summaries
+    # go to this writer's own event file through its public ``file_writer`` attribute (opened in
+    # ``SummaryWriter.__init__``), the one place the writer's structure is relied on.
 
     def console(self, line: str) -> None:
         if self.active:

@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from tiny_runs import tiny_run_config, write_tiny_dataset
+from llp_pretrain.training.distributed import free_port as _free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -43,13 +44,6 @@ def _env():
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd, timeout, **kw):
