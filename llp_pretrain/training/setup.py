@@ -69,7 +69,8 @@ class Built:
 def build_engine(cfg: RunConfig, d, start: StartPoint) -> Built:
     """Build the model (``train.seed``; ``train.init_from`` weights on a fresh start), the optimizer,
     the LR scheduler (``start.lr_fn``) and ``deepspeed.initialize`` with the resolved DeepSpeed JSON
-    and the sequence-parallel ``mpu``. Collective: every rank calls it.
+    and the sequence-parallel ``mpu``; with ``train.compile`` the engine's module runs under
+    ``torch.compile`` (``engine.compile()``). Collective: every rank calls it.
 
     Raises ``ValueError`` naming mismatched tensors when ``train.init_from`` does not fit the model."""
     import deepspeed
@@ -95,5 +96,7 @@ def build_engine(cfg: RunConfig, d, start: StartPoint) -> Built:
     model = sp.prepare_model(model, cfg.ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=cfg.ds_config, mpu=sp.mpu, dist_init_required=False)
+    if t.compile:  # torch.compile through DeepSpeed's public API; activation checkpoints are non-reentrant
+        engine.compile()
     stage = int(cfg.ds_config.get("zero_optimization", {}).get("stage", 0))
     return Built(engine, sp, n_params, flops_tok, stage)
