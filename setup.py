@@ -5,6 +5,8 @@ Install torch first (``pip install torch==2.13.0`` for the CPU wheel, or your CU
 """
 from setuptools import find_packages, setup
 
+EVAL = ["transformers>=5.24,<6", "lm-eval[hf]>=0.4.13,<0.5", "protobuf>=3.20"]
+
 setup(
     name="llp-pretrain",
     version="0.1.0",
@@ -21,10 +23,11 @@ setup(
     package_data={
         "data_prep": ["data/kjv.txt.gz", "data/README.md"],
         "llp_pretrain.configs": ["*.yaml", "deepspeed/*.json", "compare/*.yaml"],
+        "llp_pretrain.hf": ["remote/*.py"],
     },
     include_package_data=True,
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",  # SDPA enable_gqa (grouped-query attention, n_kv_heads)
         "deepspeed>=0.14",
         "numpy>=1.24",
         "sentencepiece>=0.2",
@@ -36,9 +39,14 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "zstandard>=0.21",
+        "pyarrow>=14",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "pillow>=9"],
+        # `llp-pretrain export --format hf` and `llp-pretrain harness` (docs/huggingface.md); the
+        # exported code targets the transformers 5 API (Cache objects passed as `cache=`)
+        "eval": EVAL,
+        # the suite tests the transformers export and the harness too, so it needs EVAL
+        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "pillow>=9"] + EVAL,
     },
     entry_points={
         "console_scripts": [

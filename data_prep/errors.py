@@ -1,8 +1,10 @@
 """Errors and skip accounting shared by the data_prep modules."""
 from __future__ import annotations
 
+import errno
+import os
 from collections import Counter
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 
 class DataPrepError(Exception):
@@ -12,8 +14,71 @@ class DataPrepError(Exception):
     """
 
 
+def os_error_message(e: OSError, doing: str = "", hint: str = "") -> str:
+    """One line for an ``OSError``: the file, what failed, and what to do.
+
+    ``ENOSPC`` says "no space left on <path>" and that the same command can simply be rerun;
+    ``EFBIG`` (a file-size limit) and the permission and not-a-directory kinds get their own advice.
+    """
+    path = printable(e.filename) if e.filename is not None else "?"
+    what = f" while {doing}" if doing else ""
+    rerun = "then rerun the same command (it redoes the unfinished work cleanly)"
+    if e.errno == errno.ENOSPC:
+        return f"no space left on the device holding {path}{what}; free space or choose another " \
+               f"--out, {rerun}"
+    if e.errno == errno.EDQUOT:
+        return f"disk quota exceeded for {path}{what}; free space or choose another --out, {rerun}"
+    if e.errno == errno.EFBIG:
+        return f"{path}: file too large{what} (a file-size limit, `ulimit -f`); raise the limit " \
+               f"or lower --samples-per-shard, {rerun}"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"{path}: permission denied{what}; fix its permissions or choose another path"
+    if e.errno == errno.EROFS:
+        return f"{path}: read-only file system{what}; choose a writable path"
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"{path}: a file is in the way{what} (a directory is needed); remove it or " \
+               f"choose another path"
+    msg = e.strerror or str(e)
+    tail = f"; {hint}" if hint else ""
+    return f"{path}: {msg}{what}{tail}"
+
+
+def printable(path: object) -> str:
+    """``path`` as text that can always be printed and stored (undecodable bytes escaped)."""
+    s = os.fsdecode(path) if isinstance(path, bytes) else str(path)
+    if not _has_surrogates(s):
+        return s
+    try:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _has_surrogates(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def check_utf8_name(path: object, what: str = "input") -> Optional[str]:
+    """Raise ``DataPrepError`` if ``path`` is not valid UTF-8 (the manifest records names as
+    UTF-8 JSON and the split hashes them)."""
+    s = os.fsdecode(path) if isinstance(path, bytes) else str(path)
+    if _has_surrogates(s):
+        raise DataPrepError(f"{what} {printable(s)}: the name is not valid UTF-8; rename it "
+                            f"(e.g. `convmv -f latin1 -t utf-8 --notest`) or leave it out")
+    return s
+
+
 # Every kind of skipped or repaired input, with the sentence the summary prints for it.
 SKIP_KINDS: Dict[str, str] = {
+    "unreadable_directories": "sub-directories that could not be listed (skipped with a warning)",
+    "dangling_links": "symbolic links whose target does not exist (skipped with a warning)",
+    "special_files": "FIFOs, sockets and device files (not read; skipped with a warning)",
+    "directory_loops": "directory links leading back to a directory already walked (skipped "
+                       "with a warning)",
     "empty_documents": "empty or whitespace-only documents (skipped)",
     "binary_files": "files that look binary (NUL bytes; skipped with a warning)",
     "invalid_utf8_sequences": "invalid UTF-8 byte sequences (replaced with U+FFFD or dropped, per --errors)",
@@ -22,6 +87,10 @@ SKIP_KINDS: Dict[str, str] = {
     "json_missing_key": "JSONL records without the --text-key (skipped)",
     "json_non_string": "JSONL records whose --text-key value is not a string (skipped)",
     "lines_too_long": "JSONL lines longer than --max-line-bytes (skipped)",
+    "invalid_unicode": "lone surrogates (\\ud800-\\udfff escapes) in JSON / Parquet text, not "
+                       "valid Unicode (replaced with U+FFFD or dropped, per --errors)",
+    "parquet_missing_column": "Parquet files without the --text-key column (skipped)",
+    "parquet_non_string": "Parquet rows whose --text-key value is null or not a string (skipped)",
     "space_symbol_characters": "U+2581 characters in the text (SentencePiece's space symbol: "
                                "kept, but they decode as a space)",
     "dropped_tail_tokens": "tokens at the end of a split too few for one more sample (dropped)",

@@ -15,25 +15,27 @@ import json
 import lzma
 import os
 import re
+import stat
 import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from .errors import DataPrepError, SkipCounter
+from .errors import DataPrepError, SkipCounter, check_utf8_name, printable
 
 BLOCK_BYTES = 1 << 20          # bytes read from disk (after decompression) at a time
 PIECE_CHARS = 1 << 20          # documents longer than 2*PIECE_CHARS characters are streamed in pieces
 SNIFF_BYTES = 8192             # binary detection looks at this many leading (decompressed) bytes
 DEFAULT_MAX_LINE_BYTES = 64 << 20
 
-FORMATS = ("auto", "text", "jsonl")
+FORMATS = ("auto", "text", "jsonl", "parquet")
 DOC_SEPS = ("file", "blank-line")
 ERRORS = ("replace", "skip", "fail")
 
 _COMPRESSED_EXTS = {".gz": "gzip", ".xz": "xz", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2"}
 _JSONL_EXTS = {".jsonl", ".ndjson", ".json"}
+_PARQUET_EXTS = {".parquet", ".pq"}
 
 ProgressFn = Optional[Callable[[int], None]]
 
@@ -62,7 +64,7 @@ class ReadOptions:
     errors: str = "replace"          # invalid UTF-8: "replace" (U+FFFD), "skip" (drop bytes), "fail"
     strict: bool = False             # JSONL: fail (file:line) instead of counting bad lines
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
-    input_format: str = "auto"       # "auto" (by extension) | "text" | "jsonl"
+    input_format: str = "auto"       # "auto" (by extension) | "text" | "jsonl" | "parquet"
     merge_short: int = 0             # blank-line mode: join paragraphs shorter than this many
                                      # characters to the next one (e.g. a title to its chapter)
 
@@ -93,41 +95,111 @@ def _format_of(path: Path, input_format: str) -> str:
     if input_format != "auto":
         return input_format
     suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in _PARQUET_EXTS:
+        return "parquet"
     while suffixes and suffixes[-1] in _COMPRESSED_EXTS:
         suffixes.pop()
     return "jsonl" if suffixes and suffixes[-1] in _JSONL_EXTS else "text"
 
 
-def discover(inputs: Sequence[str], input_format: str = "auto") -> List[Source]:
+def _walk_dir(top: Path, input_format: str, skips: Optional[SkipCounter]) -> List[Source]:
+    """Sources under directory ``top``: recursive, sorted by relative path, hidden names skipped.
+
+    Directory links are followed once (a link back to a directory already walked is counted as
+    ``directory_loops``); an unreadable sub-directory, a dangling link and a FIFO / socket /
+    device file are warned about and counted, never skipped silently.
+    """
+    def note(kind: str, path: str, why: str) -> None:
+        warn(f"{printable(path)}: {why}; skipped (counted as {kind})")
+        if skips is not None:
+            skips.add(kind, where=printable(path))
+
+    def onerror(e: OSError) -> None:
+        if Path(e.filename) == top:
+            raise DataPrepError(f"input directory {printable(top)} cannot be read "
+                                f"({e.strerror}); fix its permissions or leave it out of --input")
+        note("unreadable_directories", e.filename, f"directory cannot be read ({e.strerror})")
+
+    found = []
+    seen_dirs = set()
+    for root, dirs, files in os.walk(top, onerror=onerror, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            note("directory_loops", root, "leads back to a directory already walked")
+            dirs[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for d in list(dirs):
+            dp = os.path.join(root, d)
+            if not os.path.exists(dp):
+                note("dangling_links", dp, "link to a directory that does not exist")
+                dirs.remove(d)
+        for f in files:
+            if f.startswith("."):
+                continue
+            fp = Path(root) / f
+            found.append((fp.relative_to(top).as_posix(), fp))
+    found.sort()
+    sources = []
+    for rel, fp in found:
+        try:
+            st = fp.stat()
+        except FileNotFoundError:
+            note("dangling_links", str(fp), "link to a file that does not exist")
+            continue
+        except OSError as e:
+            raise DataPrepError(f"input {printable(fp)} cannot be read ({e.strerror}); fix its "
+                                f"permissions or leave it out of --input") from e
+        if not stat.S_ISREG(st.st_mode):
+            if not stat.S_ISDIR(st.st_mode):
+                note("special_files", str(fp), "not a regular file (FIFO, socket or device)")
+            continue
+        sources.append(_source(fp, rel, input_format, st.st_size))
+    return sources
+
+
+def _source(fp: Path, identity: str, input_format: str, size: int) -> Source:
+    check_utf8_name(fp)
+    if not os.access(fp, os.R_OK):
+        raise DataPrepError(f"input {fp} cannot be read (permission denied); fix its permissions "
+                            f"or leave it out of --input")
+    return Source(str(fp), identity, _format_of(fp, input_format), size)
+
+
+def discover(inputs: Sequence[str], input_format: str = "auto",
+             skips: Optional[SkipCounter] = None) -> List[Source]:
     """Expand ``inputs`` (files or directories) into a deterministic list of sources.
 
-    Directories are walked recursively; files are sorted by their relative path; hidden files and
-    directories (names starting with ``.``) are ignored. Inputs keep the order they were given in.
+    Directories are walked recursively (see ``_walk_dir``); files are sorted by their relative
+    path; hidden files and directories (names starting with ``.``) are ignored. Inputs keep the
+    order they were given in. Unreadable sub-directories, dangling links and special files found
+    while walking are warned about and counted in ``skips``.
 
     Raises:
-        DataPrepError: an input does not exist, or nothing readable was found.
+        DataPrepError: an input does not exist or cannot be read, a name is not valid UTF-8, an
+            input given directly is not a regular file, or nothing readable was found.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     sources: List[Source] = []
     for given in inputs:
+        check_utf8_name(given)
         p = Path(given)
-        if p.is_dir():
-            found = []
-            for root, dirs, files in os.walk(p):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for f in files:
-                    if not f.startswith("."):
-                        fp = Path(root) / f
-                        found.append((fp.relative_to(p).as_posix(), fp))
-            found.sort()
-            for rel, fp in found:
-                if fp.is_file():
-                    sources.append(Source(str(fp), rel, _format_of(fp, input_format), fp.stat().st_size))
-        elif p.is_file():
-            sources.append(Source(str(p), p.name, _format_of(p, input_format), p.stat().st_size))
-        else:
+        try:
+            st = p.stat()
+        except FileNotFoundError:
             raise DataPrepError(f"input {str(given)!r} does not exist (give files or directories)")
+        except OSError as e:
+            raise DataPrepError(f"input {given} cannot be read ({e.strerror}); fix its "
+                                f"permissions or leave it out of --input") from e
+        if stat.S_ISDIR(st.st_mode):
+            sources.extend(_walk_dir(p, input_format, skips))
+        elif stat.S_ISREG(st.st_mode):
+            sources.append(_source(p, p.name, input_format, st.st_size))
+        else:
+            raise DataPrepError(f"input {given} is not a regular file or directory (a FIFO, "
+                                f"socket or device); give files or directories")
     if not sources:
         raise DataPrepError(f"no input files found under {', '.join(map(str, inputs))}")
     return sources
@@ -182,7 +254,12 @@ def iter_byte_blocks(path: str, progress: ProgressFn = None) -> Iterator[bytes]:
     Raises:
         DataPrepError: the compressed stream is truncated or corrupt (names the file).
     """
-    with open(path, "rb") as raw:
+    try:
+        raw = open(path, "rb")
+    except OSError as e:
+        raise DataPrepError(f"input {printable(path)} cannot be read ({e.strerror}); fix its "
+                            f"permissions or leave it out of --input") from e
+    with raw:
         kind = _sniff_compression(raw.read(6))
         raw.seek(0)
         done = 0
@@ -298,6 +375,27 @@ def _iter_text_blocks(src: Source, opts: ReadOptions, skips: SkipCounter,
         skips.add("files_with_invalid_utf8", 1, where=src.path)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_unicode(text: str, errors: str, skips: SkipCounter, where: str) -> str:
+    """``text`` without lone surrogates (JSON ``"\\ud800"`` escapes decode to them; they are not
+    Unicode and cannot be encoded): replaced with U+FFFD or dropped per ``errors`` and counted as
+    ``invalid_unicode``; ``errors="fail"`` raises ``DataPrepError`` naming ``where``."""
+    if text.isascii():
+        return text
+    n = len(_SURROGATE.findall(text))
+    if not n:
+        return text
+    if errors == "fail":
+        m = _SURROGATE.search(text)
+        raise DataPrepError(f"{where}: text holds a lone surrogate U+{ord(m.group()):04X} at "
+                            f"character {m.start()} (not valid Unicode); fix the record, or pass "
+                            f"--errors replace (the default) or --errors skip")
+    skips.add("invalid_unicode", n, where=where)
+    return _SURROGATE.sub("\ufffd" if errors == "replace" else "", text)
+
+
 # ----------------------------------------------------------------------------- documents
 def _cut(buf: str, pos: int, before_newline: bool) -> int:
     """Cut point for the next piece of a long document: the first newline in
@@ -406,6 +504,16 @@ def _merge_short(docs: Iterable[Tuple[int, str, bool]],
         yield pending[0], pending[1], True
 
 
+def _pieces(text: str, ordinal: int) -> Iterator[Tuple[int, str, bool]]:
+    """One record's document in pieces of at most ``2 * PIECE_CHARS`` characters."""
+    pos = 0
+    while len(text) - pos > 2 * PIECE_CHARS:
+        c = _cut(text, pos, before_newline=False)
+        yield ordinal, text[pos:c], False
+        pos = c
+    yield ordinal, text[pos:], True
+
+
 def _jsonl_documents(src: Source, opts: ReadOptions, skips: SkipCounter,
                      progress: ProgressFn) -> Iterator[Tuple[int, str, bool]]:
     """One document per JSON Lines record, taken from ``opts.text_key``; ordinal = line number."""
@@ -449,18 +557,11 @@ def _jsonl_documents(src: Source, opts: ReadOptions, skips: SkipCounter,
         if not isinstance(val, str):
             bad("json_non_string", lineno, f"key {key!r} holds {type(val).__name__}, not a string")
             return None
+        val = clean_unicode(val, opts.errors, skips, f"{src.path}:{lineno}")
         if not val.strip():
             skips.add("empty_documents", where=f"{src.path}:{lineno}")
             return None
         return val
-
-    def pieces(text: str, lineno: int):
-        pos = 0
-        while len(text) - pos > 2 * PIECE_CHARS:
-            c = _cut(text, pos, before_newline=False)
-            yield lineno, text[pos:c], False
-            pos = c
-        yield lineno, text[pos:], True
 
     def chunks():
         yield first
@@ -493,12 +594,12 @@ def _jsonl_documents(src: Source, opts: ReadOptions, skips: SkipCounter,
                 else:
                     text = record(line, lineno)
                     if text is not None:
-                        yield from pieces(text, lineno)
+                        yield from _pieces(text, lineno)
             start = nl + 1
     if carry and not too_long:
         text = record(b"".join(carry), lineno + 1)
         if text is not None:
-            yield from pieces(text, lineno + 1)
+            yield from _pieces(text, lineno + 1)
     n_bad = _INVALID[0] - before
     if n_bad:
         skips.add("invalid_utf8_sequences", n_bad, where=src.path)
@@ -514,6 +615,12 @@ def iter_source_documents(src: Source, opts: ReadOptions, skips: SkipCounter,
     """
     if src.fmt == "jsonl":
         yield from _jsonl_documents(src, opts, skips, progress)
+        return
+    if src.fmt == "parquet":
+        from .parquet import parquet_documents
+
+        yield from parquet_documents(src, opts, skips, progress, _pieces,
+                                     lambda t, where: clean_unicode(t, opts.errors, skips, where))
         return
     blocks = _iter_text_blocks(src, opts, skips, progress)
     if opts.doc_sep == "blank-line":

@@ -11,10 +11,11 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .errors import DataPrepError
+from .errors import DataPrepError, check_utf8_name, os_error_message
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -23,8 +24,9 @@ PARTIAL_SUFFIX = ".partial"            # shards are written as NAME.partial, the
 SHARD_RE = re.compile(r"^(train|val)-(\d{6})\.tar$")
 SPLITS = ("train", "val")
 # Options that change how a run executes but never what it writes.
-EXECUTION_ONLY_OPTIONS = ("--workers", "--parallel", "--quiet", "-q", "--overwrite")
-_TAKES_VALUE = ("--workers", "--parallel")
+EXECUTION_ONLY_OPTIONS = ("--workers", "--parallel", "--quiet", "-q", "--overwrite",
+                          "--task-index")
+_TAKES_VALUE = ("--workers", "--parallel", "--task-index")
 
 
 def shard_name(split: str, index: int) -> str:
@@ -32,9 +34,12 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
-def sample_key(split: str, index: int) -> str:
-    """WebDataset key (no dots) of sample ``index`` of ``split``: ``train_0000000042``."""
-    return f"{split}_{index:010d}"
+def sample_key(split: str, index: int, stream: Optional[int] = None) -> str:
+    """WebDataset key (no dots) of sample ``index`` of ``split``: ``train_0000000042``; in stream
+    ``stream`` of a merged array dataset: ``train_s00002_0000000042``."""
+    if stream is None:
+        return f"{split}_{index:010d}"
+    return f"{split}_s{stream:05d}_{index:010d}"
 
 
 def fingerprint(obj) -> str:
@@ -60,23 +65,121 @@ def strip_execution_only(argv: Optional[List[str]]) -> Optional[List[str]]:
     return out
 
 
-def write_json_atomic(path: Path, obj: Dict) -> None:
-    """Write ``obj`` as JSON to ``path`` via ``path.tmp`` + fsync + rename."""
-    tmp = path.with_name("." + path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=False, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def ensure_dir(path: os.PathLike, option: str = "--out") -> Path:
+    """Create directory ``path`` (and parents) if needed and check that files can be made in it.
+
+    Raises:
+        DataPrepError: ``path`` (or a parent) is a file, or the directory cannot be created or
+            written (the message names it and the option to change).
+    """
+    p = Path(path)
+    check_utf8_name(p, option)
+    if p.exists() and not p.is_dir():
+        raise DataPrepError(f"{option} {p} is a file, not a directory; remove it or choose "
+                            f"another {option}")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=p, prefix=".llp-prep-probe-")
+        probe.close()
+    except OSError as e:
+        raise DataPrepError(os_error_message(e, f"preparing {option} {p}")) from e
+    return p
+
+
+def write_atomic(path: os.PathLike, write) -> None:
+    """Write ``path`` via a temporary file (named after ``path`` and this process): ``write(f)`` fills
+    the binary file object, then fsync + rename. The temporary file is removed if anything fails
+    (a full disk), so either the old file or the complete new one is there.
+
+    Raises:
+        OSError: the write failed, with ``filename`` set to ``path`` (the CLI turns it into one line).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)       # a failed write() does not say which file
+        raise
+
+
+def write_json_atomic(path: os.PathLike, obj, indent: int = 1) -> None:
+    """Write ``obj`` as JSON to ``path`` with :func:`write_atomic`. Raises ``OSError`` as it does."""
+    text = json.dumps(obj, indent=indent, sort_keys=False, ensure_ascii=False) + "\n"
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _is_int(v, lo: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def check_manifest_types(m: Dict, where: str) -> None:
+    """Check the types of the manifest keys that ``verify``, ``stats``, ``merge`` and the loader use.
+
+    Raises:
+        DataPrepError: names the first key with a wrong type, and its value.
+    """
+    def bad(key: str, val, want: str) -> DataPrepError:
+        shown = json.dumps(val)[:60] if not isinstance(val, (dict, list)) else type(val).__name__
+        return DataPrepError(f"{where}: {key} is {shown}, expected {want}; the manifest is damaged: "
+                             f"rebuild the dataset with `llp-prep shard` (or restore the file)")
+
+    if not _is_int(m.get("seq_len"), 1):
+        raise bad("seq_len", m.get("seq_len"), "an integer >= 1")
+    if m.get("dtype") not in ("uint16", "uint32"):
+        raise bad("dtype", m.get("dtype"), '"uint16" or "uint32"')
+    tok = m.get("tokenizer")
+    if not isinstance(tok, dict):
+        raise bad("tokenizer", tok, "an object")
+    if not _is_int(tok.get("piece_count"), 1):
+        raise bad("tokenizer.piece_count", tok.get("piece_count"), "an integer >= 1")
+    for k in ("pad_id", "unk_id", "bos_id", "eos_id"):
+        if k in tok and not (_is_int(tok[k], -1)):
+            raise bad(f"tokenizer.{k}", tok[k], "an integer (-1: not defined)")
+    shards = m.get("shards")
+    if not isinstance(shards, list):
+        raise bad("shards", shards, "a list")
+    for i, sh in enumerate(shards):
+        if not isinstance(sh, dict):
+            raise bad(f"shards[{i}]", sh, "an object")
+        if not isinstance(sh.get("name"), str) or not SHARD_RE.match(sh["name"]):
+            raise bad(f"shards[{i}].name", sh.get("name"), "a name like train-000000.tar")
+        if sh.get("split") not in SPLITS:
+            raise bad(f"shards[{i}].split", sh.get("split"), '"train" or "val"')
+        for k in ("samples", "tokens", "bytes"):
+            if not _is_int(sh.get(k)):
+                raise bad(f"shards[{i}].{k}", sh.get(k), "an integer >= 0")
+        if not isinstance(sh.get("sha256"), str):
+            raise bad(f"shards[{i}].sha256", sh.get("sha256"), "a hex string")
+        if "stream" in sh and not _is_int(sh["stream"]):
+            raise bad(f"shards[{i}].stream", sh["stream"], "an integer >= 0")
+    totals = m.get("totals")
+    if not isinstance(totals, dict):
+        raise bad("totals", totals, "an object")
+    for split in SPLITS:
+        t = totals.get(split)
+        if not isinstance(t, dict):
+            raise bad(f"totals.{split}", t, "an object")
+        for k, v in t.items():
+            if not _is_int(v):
+                raise bad(f"totals.{split}.{k}", v, "an integer >= 0")
+    if "skipped" in m and not (isinstance(m["skipped"], dict)
+                               and all(_is_int(v) for v in m["skipped"].values())):
+        raise bad("skipped", m["skipped"], "an object of integer counts")
 
 
 def read_manifest(directory: os.PathLike) -> Dict:
-    """Load ``DIR/manifest.json``.
+    """Load ``DIR/manifest.json`` and check the types of its keys (``check_manifest_types``).
 
     Raises:
-        DataPrepError: missing (the run did not finish: rerun ``llp-prep shard``), not JSON, or a
-            ``format_version`` this code does not read.
+        DataPrepError: missing (the run did not finish: rerun ``llp-prep shard``), unreadable, not
+            JSON, a ``format_version`` this code does not read, or a key of the wrong type.
     """
     p = Path(directory) / MANIFEST
     if not p.is_file():
@@ -84,9 +187,12 @@ def read_manifest(directory: os.PathLike) -> Dict:
                             f"`llp-prep shard ... --out {directory}`)")
     try:
         m = json.loads(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise DataPrepError(os_error_message(e, "reading the manifest")) from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataPrepError(f"{p}: not valid JSON ({e}); rerun `llp-prep shard`") from e
     if not isinstance(m, dict) or m.get("format_version") != FORMAT_VERSION:
         raise DataPrepError(f"{p}: format_version {m.get('format_version') if isinstance(m, dict) else None!r} "
                             f"is not {FORMAT_VERSION}; rebuild it with this version of llp-prep")
+    check_manifest_types(m, str(p))
     return m

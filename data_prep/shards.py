@@ -15,8 +15,10 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 from collections import deque
+from dataclasses import dataclass
 from multiprocessing import get_context
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
@@ -27,16 +29,18 @@ import numpy as np
 from .errors import SKIP_KINDS, DataPrepError, SkipCounter
 from .inputs import PIECE_CHARS, ReadOptions, discover, iter_documents, warn
 from .manifest import (FORMAT_VERSION, MANIFEST, PARTIAL_SUFFIX, RUN_MARKER, SHARD_RE, SPLITS,
-                       fingerprint, sample_key, shard_name, strip_execution_only,
-                       write_json_atomic)
+                       ensure_dir, fingerprint, sample_key, shard_name, strip_execution_only,
+                       write_atomic, write_json_atomic)
 from .progress import Progress
-from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, load_tokenizer
+from .tokenizer import load_tokenizer, model_file, special_ids
 
 DEFAULT_SAMPLES_PER_SHARD = 10_000
 BATCH_CHARS = 1 << 20
 BATCH_MAX_PIECES = 8192
 TAR_MTIME = 0                # fixed member mtime: reproducible tars (an int: a float forces PAX headers)
 SP_SPACE_SYMBOL = "\u2581"    # SentencePiece's escaped space: in input text it decodes as " "
+NOT_RECORDED = ("--workers", "--parallel", "--quiet", "--overwrite", "--task-index")
+TOKENIZER_COPY = "tokenizer.model"   # the dataset's own copy of the model it was encoded with
 SPLIT_METHOD = "blake2b-64 of 'seed\\0identity\\0ordinal' / 2**64 < val_fraction -> val"
 
 
@@ -64,15 +68,22 @@ def npy_header(length: int, dtype: np.dtype) -> bytes:
 # ----------------------------------------------------------------------------- workers
 _SP = None
 _BYTE_RANGE = (4, 259)
+_BYTE_TABLE: Optional[np.ndarray] = None   # when the byte pieces are not one contiguous range
+_EOS = _UNK = -1
 
 
 def _init_worker(model_path: str) -> None:
-    global _SP, _BYTE_RANGE
+    global _SP, _BYTE_RANGE, _BYTE_TABLE, _EOS, _UNK
     import sentencepiece as spm
 
     _SP = spm.SentencePieceProcessor(model_file=model_path)
+    _EOS, _UNK = int(_SP.eos_id()), int(_SP.unk_id())
     byte_ids = [i for i in range(_SP.get_piece_size()) if _SP.is_byte(i)]
     _BYTE_RANGE = (min(byte_ids), max(byte_ids)) if byte_ids else (1, 0)
+    _BYTE_TABLE = None
+    if byte_ids and max(byte_ids) - min(byte_ids) + 1 != len(byte_ids):
+        _BYTE_TABLE = np.zeros(_SP.get_piece_size(), dtype=bool)
+        _BYTE_TABLE[byte_ids] = True
 
 
 def _encode_batch(texts: List[str], lasts: List[bool]):
@@ -84,7 +95,7 @@ def _encode_batch(texts: List[str], lasts: List[bool]):
     ids = _SP.encode(texts, num_threads=1)
     for t, last in zip(ids, lasts):
         if last:
-            t.append(EOS_ID)
+            t.append(_EOS)
     ntok = np.fromiter((len(t) for t in ids), dtype=np.int64, count=len(ids))
     # array.fromlist per list is several times faster than np.array over a flattened list
     buf = array.array("I")
@@ -97,8 +108,10 @@ def _encode_batch(texts: List[str], lasts: List[bool]):
     ends = np.cumsum(ntok)
     lo, hi = _BYTE_RANGE
     # unk and byte-fallback ids are rare: find their positions, then the pieces they fall in
-    n_unk = _per_piece(np.flatnonzero(arr == UNK_ID), ends)
-    n_byte = _per_piece(np.flatnonzero((arr - np.uint32(lo)) <= np.uint32(hi - lo)), ends)
+    n_unk = _per_piece(np.flatnonzero(arr == _UNK), ends)
+    is_byte = (_BYTE_TABLE[arr] if _BYTE_TABLE is not None
+               else (arr - np.uint32(lo)) <= np.uint32(hi - lo))
+    n_byte = _per_piece(np.flatnonzero(is_byte), ends)
     n_space_symbol = sum(t.count(SP_SPACE_SYMBOL) for t in texts if not t.isascii())
     return arr, ntok, nbytes, n_unk, n_byte, n_space_symbol
 
@@ -116,8 +129,11 @@ class _HashingFile:
 
     def __init__(self, f) -> None:
         self.f, self.h, self.n = f, hashlib.sha256(), 0
+        self.abandoned = False   # set on abort: a tarfile finalizer flushing later writes nothing
 
     def write(self, b) -> int:
+        if self.abandoned:
+            return len(b)
         self.h.update(b)
         self.n += len(b)
         return self.f.write(b)
@@ -129,12 +145,21 @@ class _HashingFile:
         self.f.flush()
 
 
+def _named(e: OSError, path) -> OSError:
+    """``e`` with ``filename`` set when the failed call did not say (a ``write`` on a full disk)."""
+    if e.filename is None and path is not None:
+        e.filename = str(path)
+    return e
+
+
 class _ShardSink:
     """Writes one split's samples into ``SPLIT-NNNNNN.tar`` shards of ``samples_per_shard``."""
 
     def __init__(self, out: Path, split: str, samples_per_shard: int, seq_len: int) -> None:
         self.out, self.split, self.k_per = out, split, samples_per_shard
         self.seq_len = seq_len
+        self.stream: Optional[int] = None
+        self.first_index = 0        # shard names start here (a merge continues a numbering)
         self.shards: List[Dict] = []
         self._tw = self._file = self._hf = None
         self._n = 0
@@ -143,7 +168,7 @@ class _ShardSink:
     def _open(self) -> None:
         import webdataset as wds
 
-        name = shard_name(self.split, len(self.shards))
+        name = shard_name(self.split, self.first_index + len(self.shards))
         self._tmp = self.out / (name + PARTIAL_SUFFIX)
         self._file = open(self._tmp, "wb")
         self._hf = _HashingFile(self._file)
@@ -155,9 +180,12 @@ class _ShardSink:
         self._n = 0
 
     def write(self, key: str, npy: bytes, meta: bytes) -> None:
-        if self._tw is None:
-            self._open()
-        self._tw.write({"__key__": key, "tokens.npy": npy, "json": meta})
+        try:
+            if self._tw is None:
+                self._open()
+            self._tw.write({"__key__": key, "tokens.npy": npy, "json": meta})
+        except OSError as e:
+            raise _named(e, self._tmp or self.out)
         self._n += 1
         if self._n == self.k_per:
             self.close_current()
@@ -165,18 +193,26 @@ class _ShardSink:
     def close_current(self) -> None:
         if self._tw is None:
             return
-        self._tw.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        name = shard_name(self.split, len(self.shards))
+        try:
+            self._tw.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        except OSError as e:
+            raise _named(e, self._tmp)
+        name = shard_name(self.split, self.first_index + len(self.shards))
         os.replace(self._tmp, self.out / name)
-        self.shards.append({"name": name, "split": self.split, "samples": self._n,
-                            "tokens": self._n * (self.seq_len + 1), "bytes": self._hf.n,
-                            "sha256": self._hf.h.hexdigest()})
+        entry = {"name": name, "split": self.split, "samples": self._n,
+                 "tokens": self._n * (self.seq_len + 1), "bytes": self._hf.n,
+                 "sha256": self._hf.h.hexdigest()}
+        if self.stream is not None:
+            entry["stream"] = self.stream
+        self.shards.append(entry)
         self._tw = self._file = self._hf = self._tmp = None
 
     def abort(self) -> None:
+        if self._hf is not None:
+            self._hf.abandoned = True
         if self._file is not None:
             try:
                 self._file.close()
@@ -194,8 +230,11 @@ class _SplitPacker:
     the blake2b-128 of its ``tokens.npy`` bytes (so ``verify`` can name a corrupted sample).
     """
 
-    def __init__(self, split: str, seq_len: int, dtype: np.dtype, sink: _ShardSink) -> None:
+    def __init__(self, split: str, seq_len: int, dtype: np.dtype, sink: _ShardSink,
+                 stream: Optional[int] = None) -> None:
         self.split, self.L, self.dtype, self.sink = split, seq_len, dtype, sink
+        self.stream = stream
+        sink.stream = stream
         self.header = npy_header(seq_len + 1, dtype)
         self.buf = np.empty(0, dtype=dtype)
         self.buf_start = 0
@@ -241,12 +280,28 @@ class _SplitPacker:
             data = sample.tobytes()
             meta = {"split": self.split, "index": k, "docs": docs,
                     "tokens_blake2b": hashlib.blake2b(data, digest_size=16).hexdigest()}
-            self.sink.write(sample_key(self.split, k), self.header + data,
+            if self.stream is not None:
+                meta["stream"] = self.stream
+            self.sink.write(sample_key(self.split, k, self.stream), self.header + data,
                             json.dumps(meta, separators=(",", ":")).encode("utf-8"))
         self.samples = n_complete
         cut = n_complete * L - self.buf_start
         self.buf = self.buf[cut:].copy()
         self.buf_start = n_complete * L
+
+    def tail(self):
+        """The stream tokens after the last complete sample, and their ``[doc_id, doc_offset,
+        count]`` segments (call after the final ``emit``): what a merge packs into the tail
+        stream."""
+        start = self.samples * self.L + 1 if self.samples else 0
+        if self.pending:
+            self.buf = np.concatenate([self.buf] + [p.astype(self.dtype, copy=False)
+                                                    for p in self.pending])
+            self.pending = []
+        tokens = self.buf[start - self.buf_start:]
+        segs = [[doc_id, off + max(0, start - st), en - max(st, start)]
+                for st, en, doc_id, off in self.segs if en > start]
+        return tokens, segs
 
     def totals(self) -> Dict:
         covered = self.samples * self.L + 1 if self.samples else 0
@@ -265,6 +320,16 @@ class _SplitPacker:
 
 
 # ----------------------------------------------------------------------------- output dir
+def copy_tokenizer(model_path: Path, out: Path) -> None:
+    """Copy the model to ``out/tokenizer.model`` (temporary name, fsync, rename), so a dataset
+    directory carries the tokenizer it was encoded with, whatever the working directory later."""
+    dst = out / TOKENIZER_COPY
+    if dst.exists() and os.path.samefile(dst, model_path):
+        return
+    with open(model_path, "rb") as src:
+        write_atomic(dst, lambda f: shutil.copyfileobj(src, f))
+
+
 def _existing_fingerprint(path: Path) -> Optional[str]:
     try:
         return json.loads(path.read_text(encoding="utf-8")).get("fingerprint")
@@ -276,7 +341,6 @@ def _prepare_out_dir(out: Path, fp: str, overwrite: bool, settings: Dict) -> str
     """Refuse a directory holding a different dataset (unless ``overwrite``), then clear what an
     earlier run of this dataset left (manifest first, then shards and partial files) and mark the
     run as unfinished. Returns what was found, for the log."""
-    out.mkdir(parents=True, exist_ok=True)
     manifest, marker = out / MANIFEST, out / RUN_MARKER
     ours = [p for p in out.iterdir()
             if SHARD_RE.match(p.name) or p.name.endswith(".tar" + PARTIAL_SUFFIX)]
@@ -306,17 +370,41 @@ def _prepare_out_dir(out: Path, fp: str, overwrite: bool, settings: Dict) -> str
 
 
 # ----------------------------------------------------------------------------- API
+def _check_settings(seq_len, val_fraction, samples_per_shard, workers, parallel, num_tasks,
+                    task_index) -> None:
+    """Raise ``DataPrepError`` naming the first option out of range."""
+    if seq_len < 1:
+        raise DataPrepError(f"--seq-len must be >= 1, got {seq_len}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataPrepError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if samples_per_shard < 1:
+        raise DataPrepError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    if workers < 0:
+        raise DataPrepError(f"--workers must be >= 0, got {workers}")
+    if parallel not in ("processes", "threads"):
+        raise DataPrepError(f"--parallel {parallel!r}: choose processes or threads")
+    if (num_tasks is None) != (task_index is None):
+        raise DataPrepError("--num-tasks and --task-index go together (in a SLURM array both "
+                            "default to SLURM_ARRAY_TASK_COUNT / SLURM_ARRAY_TASK_ID)")
+    if num_tasks is not None and not (num_tasks >= 1 and 0 <= task_index < num_tasks):
+        raise DataPrepError(f"--task-index {task_index} is not in [0, --num-tasks {num_tasks})")
+
+
 def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.PathLike, *,
                  seq_len: int = 2048, val_fraction: float = 0.005,
                  samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD, workers: int = 1,
                  read_options: Optional[ReadOptions] = None, split_seed: int = 0,
                  overwrite: bool = False, quiet: bool = True, parallel: str = "processes",
-                 argv: Optional[List[str]] = None) -> Dict:
+                 argv: Optional[List[str]] = None, num_tasks: Optional[int] = None,
+                 task_index: Optional[int] = None) -> Dict:
     """Tokenize ``inputs`` and write ``out_dir/{train,val}-NNNNNN.tar`` + ``manifest.json``.
 
     Args:
-        inputs: files or directories (text or JSONL, optionally gzip/xz/zstd/bz2).
-        tokenizer: ``tokenizer.model`` (or its directory) from ``train_tokenizer``.
+        inputs: files or directories (text, JSONL or Parquet; text and JSONL optionally
+            gzip/xz/zstd/bz2).
+        tokenizer: a SentencePiece model (or a directory holding ``tokenizer.model``): ours from
+            ``train_tokenizer``, or any model with an EOS piece (its own special ids are used and
+            recorded).
         seq_len: model context in tokens; every sample holds ``seq_len + 1`` token ids.
         val_fraction: expected fraction of documents (by identity hash) in the val split.
         samples_per_shard: samples per tar (the last shard of a split may hold fewer).
@@ -329,10 +417,13 @@ def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.Path
             (less CPU per token; see ``docs/data_prep.md``). Never changes the output.
         overwrite: replace a different dataset found in ``out_dir``.
         argv: the command line, recorded in the manifest without execution-only options.
+        num_tasks, task_index: one task of an array job (``data_prep.array``): process the
+            task's share of the input files into ``out_dir/parts/TASK_INDEX/``; ``llp-prep merge``
+            then makes the dataset. A task whose part is already complete returns at once.
 
     Returns:
-        The manifest dict (also written to ``out_dir/manifest.json``), plus ``skip_summary``
-        lines that are not part of the file.
+        The manifest dict (also written to ``out_dir/manifest.json``; for a task, the part
+        manifest), plus ``skip_summary`` lines that are not part of the file.
 
     Raises:
         DataPrepError: bad settings or input (names file/line), or ``out_dir`` holds a different
@@ -340,30 +431,19 @@ def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.Path
     """
     opts = read_options or ReadOptions()
     opts.validate()
-    if seq_len < 1:
-        raise DataPrepError(f"--seq-len must be >= 1, got {seq_len}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataPrepError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if samples_per_shard < 1:
-        raise DataPrepError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
-    if workers < 0:
-        raise DataPrepError(f"--workers must be >= 0, got {workers}")
-    if parallel not in ("processes", "threads"):
-        raise DataPrepError(f"--parallel {parallel!r}: choose processes or threads")
-    model_path = Path(tokenizer)
-    if model_path.is_dir():
-        model_path = model_path / "tokenizer.model"
+    _check_settings(seq_len, val_fraction, samples_per_shard, workers, parallel, num_tasks,
+                    task_index)
+    model_path = model_file(tokenizer).resolve()
     sp, tok_sha, piece_count = load_tokenizer(model_path)
     byte_ids = [i for i in range(piece_count) if sp.is_byte(i)]
-    dtype = token_dtype(piece_count)
-    sources = discover(inputs, opts.input_format)
+    skips = SkipCounter()
+    sources = discover(inputs, opts.input_format, skips)
     out = Path(out_dir)
     for given in inputs:
         gp = Path(given).resolve()
         if gp.is_dir() and (out.resolve() == gp or gp in out.resolve().parents):
             raise DataPrepError(f"--out {out} is inside the input directory {given}: its shards "
                                 f"would be read as input next time; choose another --out")
-
     settings = {
         "inputs": [str(p) for p in inputs],
         "tokenizer_sha256": tok_sha,
@@ -380,82 +460,144 @@ def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.Path
         "merge_short": opts.merge_short,
         "piece_chars": PIECE_CHARS,
     }
-    fp = fingerprint({"settings": settings, "format_version": FORMAT_VERSION,
-                      "sources": [[s.path, s.identity, s.size] for s in sources]})
-    found = _prepare_out_dir(out, fp, overwrite, settings)
+    if num_tasks is not None:
+        settings["num_tasks"] = num_tasks
+    job = ShardJob(
+        sources=sources, opts=opts, model_path=model_path, dtype=token_dtype(piece_count),
+        seq_len=seq_len, val_fraction=val_fraction, split_seed=split_seed,
+        samples_per_shard=samples_per_shard, workers=workers, parallel=parallel, quiet=quiet,
+        settings=settings, argv=argv, skips=skips,
+        tokenizer={"path": str(model_path), "sha256": tok_sha, "piece_count": piece_count,
+                   **special_ids(sp),
+                   "byte_fallback_ids": [min(byte_ids), max(byte_ids)] if byte_ids else None,
+                   "copy": TOKENIZER_COPY})
+    job.fingerprint = fingerprint({"settings": settings, "format_version": FORMAT_VERSION,
+                                   "sources": [[s.path, s.identity, s.size] for s in sources]})
+    if num_tasks is not None:
+        from .array import run_task
+
+        return run_task(job, out, num_tasks, task_index, overwrite)
+    ensure_dir(out)
+    found = _prepare_out_dir(out, job.fingerprint, overwrite, settings)
     if not quiet:
         print(f"llp-prep shard: {out}: found {found}; {len(sources)} input files, "
               f"{workers} worker(s)", flush=True)
+    packers, sinks, source_docs = encode_sources(job, sources, out)
+    totals = {s: packers[s].totals() for s in SPLITS}
+    for s in SPLITS:
+        skips.add("dropped_tail_tokens", totals[s]["dropped_tail_tokens"])
+    manifest = dataset_manifest(job, [s for s in sources], source_docs,
+                                sinks["train"].shards + sinks["val"].shards, totals)
+    warn_empty_val(job, totals)
+    copy_tokenizer(model_path, out)
+    write_json_atomic(out / MANIFEST, manifest)
+    (out / RUN_MARKER).unlink(missing_ok=True)
+    manifest = dict(manifest)
+    manifest["skip_summary"] = skips.summary_lines()
+    return manifest
 
-    skips = SkipCounter()
-    sinks = {s: _ShardSink(out, s, samples_per_shard, seq_len) for s in SPLITS}
-    packers = {s: _SplitPacker(s, seq_len, dtype, sinks[s]) for s in SPLITS}
+
+@dataclass
+class ShardJob:
+    """Everything one ``llp-prep shard`` run (or one task of an array) needs."""
+
+    sources: List
+    opts: ReadOptions
+    model_path: Path
+    dtype: np.dtype
+    seq_len: int
+    val_fraction: float
+    split_seed: int
+    samples_per_shard: int
+    workers: int
+    parallel: str
+    quiet: bool
+    settings: Dict
+    argv: Optional[List[str]]
+    skips: SkipCounter
+    tokenizer: Dict
+    fingerprint: str = ""
+
+
+def warn_empty_val(job: ShardJob, totals: Dict) -> None:
+    if job.val_fraction > 0 and totals["val"]["samples"] == 0:
+        warn(f"the val split is empty ({totals['val']['documents']} documents, "
+             f"{totals['val']['text_tokens']} tokens < seq_len + 1 = {job.seq_len + 1}): raise "
+             f"--val-fraction or lower --seq-len if you need validation")
+
+
+def dataset_manifest(job: ShardJob, sources, source_docs: List[int], shards: List[Dict],
+                     totals: Dict, extra: Optional[Dict] = None) -> Dict:
+    """The ``manifest.json`` dict of a dataset (or of one part of an array job)."""
+    L, dtype = job.seq_len, job.dtype
+    m = {
+        "format_version": FORMAT_VERSION,
+        "created_by": "llp-prep (data_prep)",
+        "fingerprint": job.fingerprint,
+        "seq_len": L,
+        "sample_tokens": L + 1,
+        "dtype": dtype.name,
+        "tokenizer": dict(job.tokenizer),
+        "split": {"method": SPLIT_METHOD, "val_fraction": job.val_fraction,
+                  "seed": job.split_seed, "unit": "document"},
+        "sample_format": {"key": "SPLIT_NNNNNNNNNN, or SPLIT_sSSSSS_NNNNNNNNNN in stream SSSSS "
+                                 "(no dots)",
+                          "tokens.npy": f"1-D {dtype.name}[seq_len + 1]",
+                          "json": "{split, index, [stream], docs: [[doc_id, token_offset, "
+                                  "token_count]], tokens_blake2b}"},
+        "command": {"argv": strip_execution_only(job.argv), "settings": job.settings,
+                    "not_recorded": list(NOT_RECORDED)},
+        "sources": [{"path": s.path, "identity": s.identity, "format": s.fmt, "bytes": s.size,
+                     "documents": n} for s, n in zip(sources, source_docs)],
+        "shards": shards,
+        "totals": totals,
+        "skipped": job.skips.as_dict(),
+        "skipped_reasons": dict(SKIP_KINDS),
+    }
+    m.update(extra or {})
+    return m
+
+
+def encode_sources(job: ShardJob, sources, out: Path, stream: Optional[int] = None,
+                   val_packer=None):
+    """Read, encode and pack ``sources`` into shards in ``out``.
+
+    ``stream``: the train samples' stream number (array tasks; part of their keys);
+    ``val_packer``: a stand-in for the val packer (array tasks record the val stream instead of
+    packing it). Returns ``(packers, sinks, documents per source)``.
+    """
+    sinks = {s: _ShardSink(out, s, job.samples_per_shard, job.seq_len) for s in SPLITS}
+    packers = {"train": _SplitPacker("train", job.seq_len, job.dtype, sinks["train"], stream),
+               "val": val_packer or _SplitPacker("val", job.seq_len, job.dtype, sinks["val"])}
     source_docs = [0] * len(sources)
-    progress = Progress(total_bytes=sum(s.size for s in sources), desc="shard", quiet=quiet)
+    progress = Progress(total_bytes=sum(s.size for s in sources), desc="shard", quiet=job.quiet)
     pool = None
+    workers = job.workers
     try:
-        if workers > 0 and parallel == "processes":
+        if workers > 0 and job.parallel == "processes":
             ctx = get_context("spawn" if os.name != "posix" else "fork")
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(model_path),))
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(job.model_path),))
         else:
-            _init_worker(str(model_path))
+            _init_worker(str(job.model_path))
             if workers > 0:  # SentencePiece releases the GIL while encoding a batch
                 pool = ThreadPool(workers)
-        _run_pipeline(sources, opts, skips, progress, pool, workers, packers, source_docs,
-                      val_fraction, split_seed)
+        _run_pipeline(sources, job.opts, job.skips, progress, pool, workers, packers, source_docs,
+                      job.val_fraction, job.split_seed)
         for s in SPLITS:
             packers[s].emit()
             sinks[s].close_current()
     except BaseException:
         for s in SPLITS:
             sinks[s].abort()
+        if val_packer is not None:
+            val_packer.abort()
         raise
     finally:
         progress.close()
         if pool is not None:
             pool.terminate()
             pool.join()
-
-    totals = {s: packers[s].totals() for s in SPLITS}
-    for s in SPLITS:
-        skips.add("dropped_tail_tokens", totals[s]["dropped_tail_tokens"])
-    shards = sinks["train"].shards + sinks["val"].shards
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "created_by": "llp-prep (data_prep)",
-        "fingerprint": fp,
-        "seq_len": seq_len,
-        "sample_tokens": seq_len + 1,
-        "dtype": dtype.name,
-        "tokenizer": {
-            "path": str(tokenizer), "sha256": tok_sha, "piece_count": piece_count,
-            "pad_id": PAD_ID, "unk_id": UNK_ID, "bos_id": BOS_ID, "eos_id": EOS_ID,
-            "byte_fallback_ids": [min(byte_ids), max(byte_ids)] if byte_ids else None,
-        },
-        "split": {"method": SPLIT_METHOD, "val_fraction": val_fraction, "seed": split_seed,
-                  "unit": "document"},
-        "sample_format": {"key": "SPLIT_NNNNNNNNNN (no dots)",
-                          "tokens.npy": f"1-D {dtype.name}[seq_len + 1]",
-                          "json": "{split, index, docs: [[doc_id, token_offset, token_count]], "
-                                  "tokens_blake2b}"},
-        "command": {"argv": strip_execution_only(argv), "settings": settings,
-                    "not_recorded": ["--workers", "--parallel", "--quiet", "--overwrite"]},
-        "sources": [{"path": s.path, "identity": s.identity, "format": s.fmt, "bytes": s.size,
-                     "documents": n} for s, n in zip(sources, source_docs)],
-        "shards": shards,
-        "totals": totals,
-        "skipped": skips.as_dict(),
-        "skipped_reasons": dict(SKIP_KINDS),
-    }
-    if val_fraction > 0 and totals["val"]["samples"] == 0:
-        warn(f"the val split is empty ({totals['val']['documents']} documents, "
-             f"{totals['val']['text_tokens']} tokens < seq_len + 1 = {seq_len + 1}): raise "
-             f"--val-fraction or lower --seq-len if you need validation")
-    write_json_atomic(out / MANIFEST, manifest)
-    (out / RUN_MARKER).unlink(missing_ok=True)
-    manifest = dict(manifest)
-    manifest["skip_summary"] = skips.summary_lines()
-    return manifest
+    return packers, sinks, source_docs
 
 
 def _batches(doc_iter, sources, source_docs, val_fraction, split_seed, read_bytes):

@@ -11,7 +11,6 @@ the newline character gets its own pieces. A reservoir sample of ``max_sentences
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import re
@@ -19,8 +18,9 @@ import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
-from .errors import DataPrepError, SkipCounter
+from .errors import DataPrepError, SkipCounter, check_utf8_name, os_error_message
 from .inputs import ReadOptions, discover, iter_documents
+from .manifest import ensure_dir, write_json_atomic
 from .progress import Progress
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -160,10 +160,9 @@ def train_tokenizer(inputs: Sequence[str], out_dir: os.PathLike, *, vocab_size: 
                             f"{min_vocab} (1000+ for real text)")
     if max_sentences < 1 or max_sentence_bytes < 16:
         raise DataPrepError("--max-sentences must be >= 1 and --max-sentence-bytes >= 16")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sources = discover(inputs, opts.input_format)
+    out = ensure_dir(out_dir)
     skips = SkipCounter()
+    sources = discover(inputs, opts.input_format, skips)
     progress = Progress(total_bytes=sum(s.size for s in sources), desc="tokenizer: reading",
                         quiet=quiet)
     try:
@@ -222,9 +221,7 @@ def train_tokenizer(inputs: Sequence[str], out_dir: os.PathLike, *, vocab_size: 
         "skipped": skips.as_dict(),
         "argv": argv,
     }
-    tmp_json = out / ".tokenizer.json.tmp"
-    tmp_json.write_text(json.dumps(info, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp_json, out / "tokenizer.json")
+    write_json_atomic(out / "tokenizer.json", info, indent=2)
     info["skip_summary"] = skips.summary_lines()
     return info
 
@@ -242,27 +239,49 @@ def _check_ids(sp, path) -> None:
             raise DataPrepError(f"{path}: id {i} is {sp.id_to_piece(i)!r}, expected {piece!r}")
 
 
+def special_ids(sp) -> Dict[str, int]:
+    """The model's own ``pad_id``, ``unk_id``, ``bos_id``, ``eos_id`` (-1: not defined).
+
+    Models from ``llp-prep tokenizer`` have 0, 1, 2, 3; other SentencePiece models (a Llama-2
+    style ``tokenizer.model``: unk 0, bos 1, eos 2, no pad) keep theirs, and the manifest records
+    them so nothing downstream has to assume 0-3."""
+    return {"pad_id": int(sp.pad_id()), "unk_id": int(sp.unk_id()), "bos_id": int(sp.bos_id()),
+            "eos_id": int(sp.eos_id())}
+
+
+def model_file(path: os.PathLike) -> Path:
+    """``path`` itself, or ``path/tokenizer.model`` when ``path`` is a directory."""
+    p = Path(path)
+    return p / "tokenizer.model" if p.is_dir() else p
+
+
 def load_tokenizer(model_path: os.PathLike):
-    """Load ``tokenizer.model`` and check the fixed special ids.
+    """Load a SentencePiece model (a file, or a directory holding ``tokenizer.model``).
+
+    Any SentencePiece model works as long as it defines an EOS piece (appended after every
+    document); its special ids are read with :func:`special_ids`.
 
     Returns:
         ``(processor, sha256, piece_count)``.
 
     Raises:
-        DataPrepError: missing file, not a SentencePiece model, or ids other than 0..3 for
-            pad/unk/bos/eos (train it with ``llp-prep tokenizer``).
+        DataPrepError: missing or unreadable file, not a SentencePiece model, or no EOS piece.
     """
     import sentencepiece as spm
 
-    p = Path(model_path)
-    if p.is_dir():
-        p = p / "tokenizer.model"
+    p = model_file(model_path)
+    check_utf8_name(p, "--tokenizer")
     if not p.is_file():
         raise DataPrepError(f"tokenizer {str(model_path)!r} not found (train one with "
-                            f"`llp-prep tokenizer`)")
+                            f"`llp-prep tokenizer`, or give a SentencePiece .model file)")
     try:
+        sha = file_sha256(p)
         sp = spm.SentencePieceProcessor(model_file=str(p))
-    except Exception as e:  # sentencepiece raises OSError/RuntimeError on a bad file
-        raise DataPrepError(f"{p}: not a SentencePiece model ({e})") from e
-    _check_ids(sp, p)
-    return sp, file_sha256(p), int(sp.get_piece_size())
+    except OSError as e:
+        raise DataPrepError(os_error_message(e, "reading the tokenizer")) from e
+    except Exception as e:  # sentencepiece raises RuntimeError on a file that is not a model
+        raise DataPrepError(f"{p}: not a SentencePiece model ({e}); give a .model file") from e
+    if sp.eos_id() < 0:
+        raise DataPrepError(f"{p}: the model defines no EOS piece (eos_id -1), which llp-prep "
+                            f"appends after every document; use a model with one")
+    return sp, sha, int(sp.get_piece_size())

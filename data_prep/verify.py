@@ -88,8 +88,8 @@ def verify_dataset(directory: os.PathLike, check_hashes: bool = True) -> Dict:
         ``{"ok": bool, "errors": [str], "warnings": [str], "shards": int, "samples": int,
         "tokens": int}``; each error names the shard and, where it can, the sample key.
     Raises:
-        Nothing for a bad dataset (it is reported); ``DataPrepError`` only if ``directory`` does
-        not exist.
+        Nothing for bad shards (they are reported); ``DataPrepError`` if ``directory`` does not
+        exist or its manifest is missing, not JSON or has keys of the wrong type.
     """
     d = Path(directory)
     if not d.is_dir():
@@ -97,11 +97,7 @@ def verify_dataset(directory: os.PathLike, check_hashes: bool = True) -> Dict:
     rep = _Report()
     result = {"ok": False, "errors": rep.errors, "warnings": rep.warnings, "shards": 0,
               "samples": 0, "tokens": 0}
-    try:
-        m = read_manifest(d)
-    except DataPrepError as e:
-        rep.error(str(e))
-        return result
+    m = read_manifest(d)   # a missing or damaged manifest is a DataPrepError (exit status 2)
     missing = [k for k in _REQUIRED if k not in m]
     if missing:
         rep.error(f"{d / MANIFEST}: missing keys {missing}")
@@ -111,8 +107,9 @@ def verify_dataset(directory: os.PathLike, check_hashes: bool = True) -> Dict:
     piece_count = int(m["tokenizer"]["piece_count"])
     seen_keys: Dict[str, str] = {}
     per_split = {s: {"samples": 0, "tokens": 0, "shards": 0} for s in SPLITS}
-    next_index = {s: 0 for s in SPLITS}
-    last_token: Dict[str, Optional[int]] = {s: None for s in SPLITS}
+    # index and boundary checks run per stream: (split, stream), stream None outside array merges
+    next_index: Dict[tuple, int] = {}
+    last_token: Dict[tuple, Optional[int]] = {}
     listed = set()
 
     for sh in m["shards"]:
@@ -122,13 +119,17 @@ def verify_dataset(directory: os.PathLike, check_hashes: bool = True) -> Dict:
             rep.error(f"manifest shard entry {sh!r}: bad name or split")
             continue
         per_split[split]["shards"] += 1
+        stream = sh.get("stream")
+        sk = (split, stream)
+        next_index.setdefault(sk, 0)
+        last_token.setdefault(sk, None)
         path = d / name
         if not path.is_file():
             rep.error(f"shard {name}: missing (listed in the manifest with {sh.get('samples')} "
                       f"samples); rerun `llp-prep shard`")
             # its samples are gone: resynchronise the split's index/boundary checks
-            next_index[split] += int(sh.get("samples", 0))
-            last_token[split] = None
+            next_index[sk] += int(sh.get("samples", 0))
+            last_token[sk] = None
             continue
         result["shards"] += 1
         size = path.stat().st_size
@@ -173,12 +174,14 @@ def verify_dataset(directory: os.PathLike, check_hashes: bool = True) -> Dict:
                     if meta.get("tokens_blake2b") != digest:
                         rep.error(f"{where}: tokens differ from the checksum in its json "
                                   f"(corrupted tokens)")
-                    if meta.get("split") != split or meta.get("index") != next_index[split]:
+                    if meta.get("split") != split or meta.get("index") != next_index[sk] \
+                            or meta.get("stream") != stream:
                         rep.error(f"{where}: json says split {meta.get('split')!r} index "
-                                  f"{meta.get('index')!r}, expected {split!r} "
-                                  f"{next_index[split]}")
-                    elif key != sample_key(split, next_index[split]):
-                        rep.error(f"{where}: key should be {sample_key(split, next_index[split])}")
+                                  f"{meta.get('index')!r} stream {meta.get('stream')!r}, expected "
+                                  f"{split!r} {next_index[sk]} {stream!r}")
+                    elif key != sample_key(split, next_index[sk], stream):
+                        rep.error(f"{where}: key should be "
+                                  f"{sample_key(split, next_index[sk], stream)}")
                     docs = meta.get("docs")
                     if not isinstance(docs, list) or sum(x[2] for x in docs
                                                          if isinstance(x, list) and len(x) == 3) != L + 1:
@@ -187,15 +190,15 @@ def verify_dataset(directory: os.PathLike, check_hashes: bool = True) -> Dict:
                     rep.error(f"{where}: json is not an object")
                 if int(arr.max(initial=0)) >= piece_count:
                     rep.error(f"{where}: token id {int(arr.max())} >= piece_count {piece_count}")
-                if last_token[split] is not None and int(arr[0]) != last_token[split]:
+                if last_token[sk] is not None and int(arr[0]) != last_token[sk]:
                     rep.error(f"{where}: first token {int(arr[0])} is not the previous sample's "
-                              f"last token {last_token[split]} (samples out of order or corrupted)")
-                last_token[split] = int(arr[-1])
-                next_index[split] += 1
+                              f"last token {last_token[sk]} (samples out of order or corrupted)")
+                last_token[sk] = int(arr[-1])
+                next_index[sk] += 1
         except (tarfile.TarError, EOFError, OSError) as e:
             after = f"after sample {last_key}" if last_key else "before its first sample"
             rep.error(f"shard {name}: truncated or corrupt tar {after} ({e})")
-            last_token[split] = None
+            last_token[sk] = None
         finally:
             digest = reader.finish()
             raw.close()
@@ -204,7 +207,7 @@ def verify_dataset(directory: os.PathLike, check_hashes: bool = True) -> Dict:
         if n_samples != sh.get("samples"):
             rep.error(f"shard {name}: holds {n_samples} samples, manifest says {sh.get('samples')}")
             # keep later shards' index checks aligned with the manifest
-            next_index[split] += int(sh.get("samples", 0)) - n_samples
+            next_index[sk] += int(sh.get("samples", 0)) - n_samples
         if n_tokens != sh.get("tokens") and n_samples == sh.get("samples"):
             rep.error(f"shard {name}: holds {n_tokens} tokens, manifest says {sh.get('tokens')}")
         if sh.get("tokens") != int(sh.get("samples", -1)) * (L + 1):

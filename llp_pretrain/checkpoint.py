@@ -22,6 +22,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -34,6 +35,7 @@ __all__ = [
     "step_of",
     "complete_tags",
     "read_latest",
+    "newest_tag",
     "resolve_resume",
     "write_json_atomic",
     "rng_state",
@@ -85,12 +87,31 @@ def complete_tags(ckpt_dir: Path) -> List[str]:
 
 
 def read_latest(ckpt_dir: Path) -> Optional[str]:
-    """The tag named by ``ckpt_dir/latest`` if that save completed, else None."""
+    """The tag named by ``ckpt_dir/latest`` if it is a ``stepNNNNNNNN`` directory of ``ckpt_dir`` whose
+    save completed, else None."""
     f = ckpt_dir / LATEST
     if not f.is_file():
         return None
-    tag = f.read_text().strip()
+    try:
+        tag = f.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if step_of(tag) is None or "/" in tag:
+        return None
     return tag if (ckpt_dir / tag / META).is_file() else None
+
+
+def newest_tag(ckpt_dir: Path) -> Optional[str]:
+    """The tag to continue from: ``latest`` when valid, else the newest complete tag (a save killed
+    between ``run_meta.json`` and ``latest``, or a lost ``latest``; said on stderr), else None."""
+    tag = read_latest(ckpt_dir)
+    if tag is None:
+        tags = complete_tags(ckpt_dir)
+        if tags:
+            tag = tags[-1]
+            print(f"[llp-pretrain] warning: {ckpt_dir / LATEST} is missing or does not name a complete checkpoint; "
+                  f"using the newest complete one, {tag}", file=sys.stderr, flush=True)
+    return tag
 
 
 def read_meta(tag_dir: Path) -> Dict[str, Any]:
@@ -99,7 +120,14 @@ def read_meta(tag_dir: Path) -> Dict[str, Any]:
     if not f.is_file():
         raise FileNotFoundError(f"{tag_dir}: not a complete checkpoint (no {META}); it was interrupted while saving "
                                 "or is not an llp-pretrain checkpoint")
-    return json.loads(f.read_text())
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{f}: not valid JSON ({e}); this checkpoint is damaged, resume from an earlier one") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise ValueError(f"{f}: expected a JSON object with an integer 'step'; this checkpoint is damaged, resume "
+                         "from an earlier one")
+    return meta
 
 
 def resolve_resume(resume: Optional[str], run_ckpt_dir: Path) -> Optional[Tuple[Path, str]]:
@@ -111,11 +139,11 @@ def resolve_resume(resume: Optional[str], run_ckpt_dir: Path) -> Optional[Tuple[
     if resume is None:
         return None
     if resume == "auto":
-        tag = read_latest(run_ckpt_dir)
+        tag = newest_tag(run_ckpt_dir)
         return (run_ckpt_dir, tag) if tag else None
     p = Path(resume)
     for cand in (p / "checkpoints", p):
-        tag = read_latest(cand) if cand.is_dir() else None
+        tag = newest_tag(cand) if cand.is_dir() else None
         if tag:
             return cand, tag
     if (p / META).is_file():
@@ -229,6 +257,8 @@ def weights_only_loads():
 
 
 def _check_file(f: Path) -> None:
+    if not f.is_file():  # a FIFO or device would block or never end
+        raise UntrustedCheckpointError(f"{f}: not a regular file; it is not loaded. Resume from an earlier checkpoint")
     allowed = {f"{c.__module__}.{c.__qualname__}" for c in _deepspeed_safe_globals()}
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))

@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("export", "consolidated safetensors weights + model config (also from ZeRO-3)")
     p.add_argument("checkpoint", help="run dir, checkpoints dir or stepNNNNNNNN tag dir")
     p.add_argument("out", help="directory to write (created; an existing file is refused)")
+    p.add_argument("--format", choices=["safetensors", "hf"], default="safetensors",
+                   help="safetensors: weights + model_config.json; hf: a transformers directory")
+    p.add_argument("--max-shard-size", default="5GB", help="--format hf: shard model.safetensors above this size")
+    from llp_pretrain.hf.harness import add_parser as add_harness_parser
+
+    add_harness_parser(add)
 
     p = add("quickstart", "tokenizer + shards + training + eval + sample on the bundled corpus")
     p.add_argument("--out", default="runs/quickstart", help="directory for data/ and run/")
@@ -243,7 +249,7 @@ def load_tokenizer(path, checkpoint: Optional[str] = None):
     SentencePiece model, or (with ``checkpoint``) not the tokenizer that checkpoint was trained with."""
     import sentencepiece as spm
 
-    from llp_pretrain.engine import file_sha256
+    from data_prep.tokenizer import file_sha256
     from llp_pretrain.export import tokenizer_hashes
 
     p = Path(path)
@@ -295,6 +301,12 @@ def _cmd_generate(args, out) -> int:
 def _cmd_export(args, out) -> int:
     from llp_pretrain.export import export_checkpoint
 
+    if args.format == "hf":
+        from llp_pretrain.hf.export import export_hf
+
+        print(f"wrote {export_hf(args.checkpoint, args.out, args.max_shard_size)} (transformers, trust_remote_code)",
+              file=out)
+        return 0
     d = export_checkpoint(args.checkpoint, args.out)
     print(f"wrote {d / 'model.safetensors'} and {d / 'model_config.json'}", file=out)
     return 0
@@ -351,11 +363,29 @@ USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirect
 
 
 def _os_error_line(e: OSError) -> str:
-    where = e.filename or ""
+    """One line for an operating-system error: the path, what happened and what to do."""
+    where = e.filename
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"no space left on the device holding {where or 'the output'}; free space and rerun"
-                if "no space left" not in str(e).lower() else str(e))
-    return f"{where + ': ' if where and str(where) not in str(e) else ''}{e.strerror or e}"
+        if e.strerror and e.strerror.startswith("no space left"):  # raised by our code with a whole message
+            return e.strerror
+        return (str(e) if str(e).startswith("no space left")  # checkpoint.DiskFullError: the whole message
+                else f"no space left on the device holding {where or 'the output'}; free space and rerun")
+    if e.strerror is None:  # raised by our code with a whole message
+        return str(e)
+    hint = {errno.ENOTDIR: "a part of this path is a file; choose another path",
+            errno.EEXIST: "it exists; choose another path",
+            errno.EISDIR: "it is a directory; give a file",
+            errno.EACCES: "no permission; choose a writable path or fix the permissions",
+            errno.EPERM: "no permission; choose a writable path or fix the permissions",
+            errno.EROFS: "the file system is read-only; choose another path"}.get(e.errno)
+    line = f"{where}: {e.strerror}" if where else e.strerror
+    return f"{line}; {hint}" if hint else line
+
+
+def _cmd_harness(args) -> int:
+    from llp_pretrain.hf.harness import main as harness_main
+
+    return harness_main(args)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -370,7 +400,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         quiet_other_ranks()
     handlers = {"train": _cmd_train, "check-config": _cmd_check, "eval": _cmd_eval, "generate": _cmd_generate,
                 "export": _cmd_export, "quickstart": _cmd_quickstart,
-                "compare": _cmd_compare}
+                "compare": _cmd_compare, "harness": _cmd_harness}
     try:
         from data_prep.errors import DataPrepError
     except ImportError:  # pragma: no cover - data_prep ships with llp_pretrain

@@ -444,6 +444,10 @@ def run_compare(config: str, out: Optional[str] = None, variants: Optional[Seque
     t_start = time.time()
     spec, overrides, base, prep = load_compare_config(config, variants, steps)
     run_dir = Path(out or base.get("run", {}).get("output_dir") or "runs/compare")
+    from llp_pretrain.config import output_dir_problem
+
+    if output_dir_problem(run_dir):
+        raise ValueError(f"{'--out' if out else 'run.output_dir'}: {output_dir_problem(run_dir)}")
     run_dir.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
 

@@ -42,6 +42,8 @@ __all__ = [
     "find_config_file",
     "configs_dir",
     "read_manifest",
+    "read_yaml_file",
+    "output_dir_problem",
 ]
 
 SECTIONS = ("model", "data", "train", "parallel", "deepspeed", "run")
@@ -198,20 +200,21 @@ def find_config_file(name: str, relative_to: Optional[Path] = None) -> Path:
 
 
 def read_manifest(path: str | os.PathLike) -> Dict[str, Any]:
-    """Read ``DIR/manifest.json`` of a dataset directory (``docs/internals.md``).
+    """Read and type-check ``DIR/manifest.json`` of a dataset directory with ``llp-prep``'s own reader
+    (``data_prep.manifest.read_manifest``: one reader for both sides).
 
-    Raises ``FileNotFoundError`` / ``ValueError`` naming the file when it is missing or unreadable.
-    """
+    Raises ``FileNotFoundError`` when it is missing and ``ValueError`` naming the file and key when it is
+    not JSON, of another format version, or holds a value of the wrong type."""
+    from data_prep.errors import DataPrepError
+    from data_prep.manifest import read_manifest as read_checked
+
     m = Path(path) / "manifest.json"
     if not m.is_file():
         raise FileNotFoundError(f"{m}: no manifest.json; is {path} a dataset directory written by `llp-prep shard`?")
     try:
-        data = json.loads(m.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{m}: line {e.lineno}: not valid JSON ({e.msg}); rerun `llp-prep shard`") from e
-    if data.get("format_version") != 1:
-        raise ValueError(f"{m}: format_version {data.get('format_version')!r} is not supported (expected 1)")
-    return data
+        return read_checked(path)
+    except DataPrepError as e:
+        raise ValueError(str(e)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,8 +459,9 @@ def _resolve_world_size(world_size: Optional[int], problems: List[Tuple[str, str
     return world_size
 
 
-def _check_output_dir(path: str) -> Optional[str]:
-    """Why ``run.output_dir`` cannot hold a run (a file, under a file, not writable), or None."""
+def output_dir_problem(path: str | os.PathLike) -> Optional[str]:
+    """Why ``path`` cannot be (or become) a writable output directory (it is a file, lies under a
+    file, or is not writable), or None."""
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
         return f"{p} exists and is not a directory; choose a new directory path"
@@ -564,7 +568,7 @@ def _validate_sections(raw: Dict[str, Any], problems) -> Dict[str, Tuple[Any, se
     run, run_bad, run_raw = out["run"]
     out_dir = _value(run, run_raw, run_bad, "output_dir", str)
     if out_dir is not None:
-        why = _check_output_dir(out_dir)
+        why = output_dir_problem(out_dir)
         if why:
             problems.append(("run.output_dir", why))
     return out
@@ -749,6 +753,35 @@ def _ds_shape_problems(ds: Dict[str, Any], where: str) -> List[Tuple[str, str]]:
         st = zero["stage"]
         if isinstance(st, bool) or not isinstance(st, int) or not 0 <= st <= 3:
             out.append(("deepspeed:zero_optimization.stage", f"{where}: stage {json.dumps(st)} must be 0, 1, 2 or 3"))
+    if isinstance(zero, dict):
+        out += _zero_section_problems(zero, where)
+    return out
+
+
+def _zero_section_problems(zero: Dict[str, Any], where: str) -> List[Tuple[str, str]]:
+    """``zero_optimization`` checked by DeepSpeed's own config model (types, nested offload objects,
+    unknown keys), so that what passes here also passes ``deepspeed.initialize``."""
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    except ImportError:  # pragma: no cover - deepspeed is a dependency; train would fail loudly anyway
+        return []
+    try:
+        DeepSpeedZeroConfig(**zero)
+        return []
+    except ValidationError as e:
+        errors = e.errors()
+    except (TypeError, ValueError) as e:
+        return [("deepspeed:zero_optimization", f"{where}: {e}")]
+    out = []
+    for err in errors:
+        if tuple(err["loc"][:1]) == ("stage",):
+            continue  # reported above
+        key = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key" + _suggest(err["loc"][-1], DeepSpeedZeroConfig.model_fields)
+        else:
+            msg = f"{err['msg']} (got {json.dumps(err.get('input'), default=str)})"
+        out.append((f"deepspeed:zero_optimization.{key}", f"{where}: {msg}; fix the JSON"))
     return out
 
 

@@ -85,11 +85,14 @@ ON_CORRUPT = ("fail", "skip")
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One shard of a split: absolute ``path``, its ``name`` and ``samples`` count from the manifest."""
+    """One shard of a split: absolute ``path``, its ``name`` and ``samples`` count from the manifest,
+    and the token ``stream`` it belongs to (0 for single-process datasets; a merged ``llp-prep``
+    array dataset numbers samples within each task's stream)."""
 
     path: str
     name: str
     samples: int
+    stream: int = 0
 
 
 def list_shards(data_dir: str, split: str, manifest: Optional[Dict] = None) -> List[ShardInfo]:
@@ -105,7 +108,7 @@ def list_shards(data_dir: str, split: str, manifest: Optional[Dict] = None) -> L
         if not p.is_file():
             raise DataLayoutError(f"{p}: listed in {Path(data_dir) / 'manifest.json'} but missing; "
                                   "re-run `llp-prep shard` or restore the file")
-        out.append(ShardInfo(str(p), s["name"], int(s["samples"])))
+        out.append(ShardInfo(str(p), s["name"], int(s["samples"]), int(s.get("stream") or 0)))
     if not out:
         raise DataLayoutError(f"{Path(data_dir) / 'manifest.json'}: no '{split}' shards")
     return sorted(out, key=lambda s: s.name)
@@ -377,11 +380,13 @@ class TrainStream(torch.utils.data.IterableDataset):
 
 
 def _first_indices(shards: Sequence[ShardInfo]) -> Dict[str, int]:
-    """Split index of each shard's first sample: the manifest counts of the shards before it (by name)."""
-    out, total = {}, 0
+    """Index of each shard's first sample within its stream: the manifest counts of the shards of
+    the same stream before it (by name)."""
+    out: Dict[str, int] = {}
+    totals: Dict[int, int] = {}
     for s in shards:
-        out[s.name] = total
-        total += s.samples
+        out[s.name] = totals.get(s.stream, 0)
+        totals[s.stream] = out[s.name] + s.samples
     return out
 
 

@@ -11,6 +11,7 @@ anything is written; files are written under temporary names and renamed.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -37,7 +38,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if (p / ckpt.META).is_file():
         return p
     for cand in (p / "checkpoints", p):
-        tag = ckpt.read_latest(cand) if cand.is_dir() else None
+        tag = ckpt.newest_tag(cand) if cand.is_dir() else None
         if tag:
             return cand / tag
     raise FileNotFoundError(f"{path}: no complete llp-pretrain checkpoint (run dir, checkpoints/ dir with 'latest', "
@@ -127,17 +128,28 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     ``OUT/hashes.json`` (the tokenizer/dataset sha256 the run recorded) and, when the run has one,
     ``OUT/tokenizer.model``, with the usual permissions (``0666 & ~umask``). Returns ``OUT``.
 
-    Raises ``FileExistsError`` when ``OUT`` is an existing file (before any work)."""
+    Raises ``FileExistsError`` when ``OUT`` is an existing file, lies under one or is not writable
+    (before any work)."""
     from safetensors.torch import save_file
 
+    from llp_pretrain.config import output_dir_problem
+
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory; give a new or existing directory as OUT")
+    why = output_dir_problem(out)  # checked before the (possibly long) consolidation
+    if why:
+        raise FileExistsError(f"export OUT: {why}")
     state, model_cfg, tag_dir = load_checkpoint_weights(path)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     tmp = out / f".{WEIGHTS}.tmp"
-    save_file(tensors, str(tmp), metadata={"source": str(tag_dir), "format": "pt"})
+    try:
+        save_file(tensors, str(tmp), metadata={"source": str(tag_dir), "format": "pt"})
+    except Exception as e:  # safetensors reports a full disk as its own error type
+        tmp.unlink(missing_ok=True)
+        if "No space left" in str(e) or "os error 28" in str(e):
+            raise OSError(errno.ENOSPC, f"no space left on the device holding {out} while writing {WEIGHTS}; "
+                          "free space or choose another OUT, then rerun the export") from None
+        raise
     os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its file 0600
     os.replace(tmp, out / WEIGHTS)
     ckpt.write_json_atomic(out / MODEL_CONFIG, model_cfg)
@@ -160,7 +172,11 @@ def load_exported_weights(model: torch.nn.Module, path: str | os.PathLike) -> No
     f = Path(path) / WEIGHTS
     if not f.is_file():
         raise FileNotFoundError(f"{f}: not found; create it with `llp-pretrain export CHECKPOINT {path}`")
-    state = load_file(str(f))
+    try:
+        state = load_file(str(f))
+    except Exception as e:  # not a safetensors file (e.g. a pickle renamed): never unpickled, refused
+        raise ValueError(f"{f}: not a valid safetensors file ({type(e).__name__}: {str(e)[:80]}); re-export it with "
+                         "`llp-pretrain export`") from None
     problems = _shape_problems(state, model.state_dict())
     if problems:
         raise ValueError(f"{f} does not fit this model config: {problems}; use weights exported from a run with "
@@ -176,7 +192,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
 
     p = Path(path)
     if (p / WEIGHTS).is_file() and (p / MODEL_CONFIG).is_file():
-        cfg = json.loads((p / MODEL_CONFIG).read_text())
+        try:
+            cfg = json.loads((p / MODEL_CONFIG).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{p / MODEL_CONFIG}: not valid JSON ({e}); re-export it with `llp-pretrain export`") from None
         model = build_model(cfg)
         load_exported_weights(model, p)
         tok = p / "tokenizer.model" if (p / "tokenizer.model").is_file() else None

@@ -101,15 +101,17 @@ def _planned_steps(run_dir: Path, steps: Optional[int], default: int) -> int:
     return default
 
 
-def _announce(cfg, device: torch.device, steps: int, cuda: bool) -> float:
-    """Print the plan and an ETA from a short measurement of this machine; returns seconds per step."""
+def _announce(cfg, device: torch.device, steps: int, cuda: bool, done: int = 0) -> float:
+    """Print the plan and an ETA (for the ``steps - done`` steps left) from a short measurement of this
+    machine; returns seconds per step."""
     tokens = cfg.train.global_batch_size * cfg.model.seq_len
     step_time = measure_step_time(cfg, device)
-    eta = steps * step_time * 1.15  # DeepSpeed, evaluation and logging add ~15 %
+    eta = (steps - done) * step_time * 1.15  # DeepSpeed, evaluation and logging add ~15 %
     basis = ("" if cuda else f"; ~{steps * tokens / REFERENCE_TOKENS_PER_SEC / 60:.1f} min on an idle 2-core CPU "
              f"at ~{REFERENCE_TOKENS_PER_SEC // 1000}k tokens/s")
     _say(f"3/5 training {cfg.model.variant} ({'GPU' if cuda else 'CPU'}) for {steps} steps x {tokens:,} tokens"
-         f"{basis}; this machine now: {step_time:.3f} s/step -> ETA ~{eta / 60:.1f} min")
+         f"{basis}; this machine now: {step_time:.3f} s/step -> ETA ~{eta / 60:.1f} min"
+         + (f" for the {steps - done} steps left" if done else ""))
     if not cuda and tokens / step_time < 0.5 * REFERENCE_TOKENS_PER_SEC:
         _say("note: this machine is slower or busier than the reference; the result is the same, it only takes "
              "longer (the training log shows the remaining time)")
@@ -141,7 +143,11 @@ def run_quickstart(out: str = "runs/quickstart", steps: Optional[int] = None, re
     from llp_pretrain.engine import train
     from llp_pretrain.evaluate import bytes_per_token, unigram_eval
 
+    from llp_pretrain.config import output_dir_problem
+
     out = Path(out).resolve()
+    if output_dir_problem(out):
+        raise ValueError(f"--out: {output_dir_problem(out)}")
     cuda = torch.cuda.is_available()
     overrides = list(GPU_OVERRIDES if cuda else [])
     base = load_config("configs/quickstart.yaml", overrides + ["model.vocab_size=2000"], world_size=1, check_data=False)
@@ -151,8 +157,16 @@ def run_quickstart(out: str = "runs/quickstart", steps: Optional[int] = None, re
     existing = run_dir / "checkpoints" / "latest"
     steps = _planned_steps(run_dir, steps, GPU_STEPS if cuda else CPU_STEPS)
     cfg = load_config("configs/quickstart.yaml", overrides + plan_settings(steps), world_size=1)
-    step_time = _announce(cfg, torch.device("cuda" if cuda else "cpu"), steps, cuda)
+    from llp_pretrain.checkpoint import read_latest, step_of
+
+    done = step_of(read_latest(run_dir / "checkpoints") or "") or 0
+    step_time = _announce(cfg, torch.device("cuda" if cuda else "cpu"), steps, cuda, done)
     res = train(cfg, resume="auto" if existing.is_file() else None)
+    if res.step < steps:  # stopped by a signal (or the time limit): no half-trained result is reported
+        _say(f"training stopped at step {res.step} of {steps} ({res.stopped_by}); run the same command again to "
+             "continue from the last checkpoint")
+        return {"val": None, "unigram": None, "steps": res.step, "sample": None, "run_dir": str(run_dir),
+                "step_time": step_time}
 
     _say("4/5 evaluating validation perplexity (strided, stride seq_len/2)")
     n = cfg.model.seq_len

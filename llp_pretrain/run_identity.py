@@ -18,7 +18,11 @@ from typing import Any, Dict, Optional, Tuple
 
 from llp_pretrain import checkpoint as ckpt
 
-__all__ = ["run_hashes", "start_point", "clear_run", "check_resume_identity", "RUNTIME_MODEL_FIELDS"]
+__all__ = ["run_hashes", "start_point", "clear_run", "check_resume_identity", "hold_run_lock",
+           "RUNTIME_MODEL_FIELDS"]
+
+LOCK = ".llp-train.lock"
+_held: Dict[str, int] = {}  # run dir -> open file descriptor holding its lock (for the process' life)
 
 #: model fields that change how a step is computed, not what is computed: free to change on resume
 RUNTIME_MODEL_FIELDS = ("checkpoint_activations",)
@@ -40,11 +44,9 @@ def start_point(run_dir: Path, resume: Optional[str], overwrite: bool) -> Option
     """``(checkpoints dir, tag)`` to resume from, or None for a fresh start.
 
     Raises ``ValueError`` when ``run_dir`` already holds checkpoints and neither ``resume`` nor
-    ``overwrite`` is given, when both are given, or when ``run_dir`` is a file; ``FileNotFoundError``
+    ``overwrite`` is given or when both are given; ``FileNotFoundError``
     for an explicit resume path without a complete checkpoint."""
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"run.output_dir {run_dir} is a file, not a directory; choose another run.output_dir")
+    run_dir = Path(run_dir)  # (an output_dir that is a file is refused by the config loader)
     if resume is not None and overwrite:
         raise ValueError(f"--resume {resume} and --overwrite contradict each other: continue the run in {run_dir} "
                          "with --resume, or start it afresh with --overwrite")
@@ -55,6 +57,32 @@ def start_point(run_dir: Path, resume: Optional[str], overwrite: bool) -> Option
                          "start it afresh with --overwrite (deletes its checkpoints and TensorBoard events), or "
                          "set run.output_dir to a new directory")
     return ckpt.resolve_resume(resume, ckpt_dir)
+
+
+def hold_run_lock(run_dir: Path) -> None:
+    """Take ``run_dir/.llp-train.lock`` (``flock``, exclusive) for the life of this process, so two
+    trainings never write one run directory; a second call for the same directory in the same
+    process is a no-op. The operating system releases it when the process ends, however it ends.
+
+    Raises ``ValueError`` naming the directory and the holder's pid when another process holds it."""
+    import fcntl
+
+    run_dir = Path(run_dir)
+    key = str(run_dir.resolve())
+    if key in _held:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise ValueError(f"{run_dir} is in use by another training process (pid {holder}); wait for it to finish, "
+                         "stop it, or set run.output_dir to another directory") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held[key] = fd
 
 
 def clear_run(run_dir: Path) -> None:

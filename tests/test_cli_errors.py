@@ -138,6 +138,10 @@ def test_output_dir_that_is_a_file(tmp_path, tiny, capsys):
     ({"zero_optimization": {"stage": 5}}, "stage 5 must be 0, 1, 2 or 3"),
     ({"zero_optimization": {"stage": "3"}}, 'stage "3" must be 0, 1, 2 or 3'),
     ([{"fp16": {"enabled": False}}], "the top level must be a JSON object"),
+    # DeepSpeed's own model of the ZeRO section: what passes check-config also passes deepspeed.initialize
+    ({"zero_optimization": {"stage": 3, "offload_optimizer": "cpu"}}, "zero_optimization.offload_optimizer"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "big"}}, "unable to parse string as an integer (got \"big\")"),
+    ({"zero_optimization": {"stage": 2, "overlap_com": True}}, "unknown key; did you mean 'overlap_comm'?"),
 ])
 def test_deepspeed_json_sections_of_the_wrong_shape(tmp_path, tiny, capsys, content, needle):
     js = tmp_path / "ds.json"
@@ -250,6 +254,7 @@ def test_export_refuses_an_existing_file_and_writes_normal_permissions(tmp_path,
     target.write_text("precious")
     _main_error(capsys, ["export", tiny / "run", target], str(target), "exists and is not a directory")
     assert target.read_text() == "precious"
+    _main_error(capsys, ["export", tiny / "run", target / "sub"], f"{target} is a file; choose a directory path")
     old = os.umask(0o022)
     try:
         assert cli_main(["export", str(tiny / "run"), str(tmp_path / "exp")]) == 0
@@ -258,6 +263,27 @@ def test_export_refuses_an_existing_file_and_writes_normal_permissions(tmp_path,
     assert capsys.readouterr().out.startswith("wrote ")
     for f in ("model.safetensors", "model_config.json", "hashes.json"):
         assert stat.S_IMODE((tmp_path / "exp" / f).stat().st_mode) == 0o644, f
+
+
+def test_output_paths_under_a_file_are_refused_up_front(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    under = tmp_path / "afile" / "out"
+    _main_error(capsys, ["quickstart", "--out", under, "--steps", "1"], "--out:", f"{tmp_path / 'afile'} is a file")
+    _main_error(capsys, ["compare", "--config", "configs/compare/kjv_tiny.yaml", "--out", under],
+                "--out:", f"{tmp_path / 'afile'} is a file")
+
+
+def test_os_errors_are_one_line_with_the_path_and_what_to_do():
+    import errno
+
+    from llp_pretrain.cli import _os_error_line
+
+    assert _os_error_line(NotADirectoryError(errno.ENOTDIR, "Not a directory", "/x/f/y")) == \
+        "/x/f/y: Not a directory; a part of this path is a file; choose another path"
+    assert _os_error_line(PermissionError(errno.EACCES, "Permission denied", "/r")).startswith(
+        "/r: Permission denied; no permission")
+    assert _os_error_line(OSError(errno.ENOSPC, "No space left on device", "/d/f")) == \
+        "no space left on the device holding /d/f; free space and rerun"
 
 
 def test_every_option_has_help_and_shows_its_default():

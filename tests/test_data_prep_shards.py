@@ -76,7 +76,7 @@ def test_webdataset_read_back_matches_manifest(env, tmp_path):
     m = build(env, out)
     assert (out / "manifest.json").is_file()
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [s["name"] for s in m["shards"]] + ["manifest.json"])
+        [s["name"] for s in m["shards"]] + ["manifest.json", "tokenizer.model"])
     assert m["dtype"] == "uint16" and m["tokenizer"]["piece_count"] == 800
     for split in ("train", "val"):
         samples, per_shard = read_split(out, m, split)
@@ -202,7 +202,7 @@ def test_different_dataset_refused_unless_overwrite(env, tmp_path):
     m2 = build(env, out, seq_len=128, samples_per_shard=50, overwrite=True)
     assert len(m2["shards"]) < n1
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [s["name"] for s in m2["shards"]] + ["manifest.json"])
+        [s["name"] for s in m2["shards"]] + ["manifest.json", "tokenizer.model"])
     assert verify_dataset(out)["ok"]
     # the same command again: redone cleanly, same bytes
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -222,7 +222,8 @@ def test_truncated_gzip_leaves_no_manifest_or_partial_file(env, tmp_path):
                      read_options=BLANK)
     assert not (out / "manifest.json").exists()
     assert not list(out.glob("*.partial"))
-    assert not verify_dataset(out)["ok"]
+    with pytest.raises(DataPrepError, match="holds no finished dataset"):
+        verify_dataset(out)
 
 
 @pytest.mark.timeout(180)
@@ -248,7 +249,8 @@ def test_killed_run_is_redone_cleanly_by_the_same_command(env, tmp_path):
     proc.wait()
     assert not (out / "manifest.json").exists()
     assert (out / ".llp-prep-run.json").exists()
-    assert not verify_dataset(out)["ok"]
+    with pytest.raises(DataPrepError, match="holds no finished dataset"):
+        verify_dataset(out)
     # same command again (in-process, same arguments): redone, complete and valid
     from data_prep.cli import main
     assert main(cmd[cmd.index("shard"):]) == 0

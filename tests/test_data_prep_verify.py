@@ -8,7 +8,8 @@ import tarfile
 import pytest
 import webdataset as wds
 
-from data_prep import BUNDLED_CORPUS, ReadOptions, build_shards, train_tokenizer, verify_dataset
+from data_prep import (BUNDLED_CORPUS, DataPrepError, ReadOptions, build_shards, train_tokenizer,
+                       verify_dataset)
 from data_prep.cli import main as cli_main
 from data_prep.stats import dataset_stats
 
@@ -113,9 +114,11 @@ def test_duplicate_key(ds):
                for e in r["errors"])
 
 
-def test_no_manifest_is_reported(tmp_path):
-    r = verify_dataset(tmp_path)
-    assert not r["ok"] and "holds no finished dataset" in r["errors"][0]
+def test_no_manifest_is_a_user_error(tmp_path, capsys):
+    with pytest.raises(DataPrepError, match="holds no finished dataset"):
+        verify_dataset(tmp_path)
+    assert cli_main(["verify", str(tmp_path)]) == 2
+    assert "holds no finished dataset" in capsys.readouterr().err
 
 
 def test_stats(ds, capsys):

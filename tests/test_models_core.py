@@ -91,18 +91,20 @@ def test_forward_rejects_bad_inputs():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_lm_loss_scores_each_position_against_next_token_once(variant):
     torch.manual_seed(0)
-    model = build_model(cfg_for(variant))
+    model = build_model(cfg_for(variant, loss_chunk_len=0))  # one head call: logits captured
     captured = []
-    hnd = model.register_forward_hook(lambda mod, inp, out: captured.append(out))
+    hnd = model.lm_head.register_forward_hook(lambda mod, inp, out: captured.append(out))
     tokens = torch.randint(0, 17, (3, 13))
     loss_sum, n = lm_loss(model, tokens)
     hnd.remove()
     assert len(captured) == 1
-    logits = captured[0]
     sl = model.trained_positions(12)
+    T = sl.stop - sl.start
+    logits = captured[0].view(3, T, 17)
     assert n == 3 * (sl.stop - sl.start) and logits.shape[1] == sl.stop - sl.start
     # the one-hot targets recovered from the gradient: softmax(logits) - dloss/dlogits
-    (g,) = torch.autograd.grad(loss_sum, logits)
+    (g,) = torch.autograd.grad(loss_sum, captured[0])
+    g = g.view(3, T, 17)
     onehot = logits.softmax(-1) - g
     want = F.one_hot(tokens[:, sl.start + 1:sl.stop + 1], 17).to(onehot.dtype)
     torch.testing.assert_close(onehot, want, atol=1e-5, rtol=0)
@@ -115,6 +117,47 @@ def test_lm_loss_scores_each_position_against_next_token_once(variant):
 def test_lm_loss_rejects_bad_shape():
     with pytest.raises(ValueError, match="tokens must be"):
         lm_loss(build_model(cfg_for("gpt")), torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="targets"):
+        build_model(cfg_for("llp"))(torch.zeros(2, 12, dtype=torch.long),
+                                    targets=torch.zeros(2, 11, dtype=torch.long))
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 7, 36])
+@pytest.mark.parametrize("variant,kw", [
+    ("llp", {}), ("llp", dict(tie_embeddings=True, bias=False)), ("gpt", {}),
+    ("perceiver_ar", {}), ("compressed_history", dict(checkpoint_activations=True)),
+])
+def test_chunked_loss_equals_unchunked_in_value_and_gradients(variant, kw, chunk):
+    """Chunks of 1, 5, 7 (not dividing the rows) and all rows against one unchunked pass."""
+    tokens = torch.randint(0, 17, (3, 13), generator=torch.Generator().manual_seed(chunk))
+    out = []
+    for c in (0, chunk):
+        torch.manual_seed(3)
+        model = build_model(cfg_for(variant, loss_chunk_len=c, **kw)).train()
+        loss, n = lm_loss(model, tokens)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        out.append((loss.detach(), n, grads))
+    (l0, n0, g0), (l1, n1, g1) = out
+    assert n0 == n1
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-5)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_loss_never_holds_more_than_one_chunk_of_logits():
+    """Every head call sees at most loss_chunk_len rows, and in backward the head runs again
+    once per chunk (recomputation); the loss value does not need any (B, N, V) tensor."""
+    model = build_model(cfg_for("llp", loss_chunk_len=8)).train()
+    rows = []
+    model.lm_head.register_forward_hook(lambda mod, inp, out: rows.append(out.shape[0]))
+    loss, n = lm_loss(model, torch.randint(0, 17, (2, 13)))
+    assert n == 24 and rows == [8, 8, 8]
+    loss.backward()
+    assert rows == [8, 8, 8] * 2
+    with torch.no_grad():  # evaluation: chunked, no recomputation
+        rows.clear()
+        lm_loss(model, torch.randint(0, 17, (2, 13)))
+        assert rows == [8, 8, 8]
 
 
 # ---- checkpointing and tied embeddings ----------------------------------------------------
@@ -216,56 +259,24 @@ def test_num_params_counts_every_parameter_once():
 
 
 def test_llp_attention_never_builds_an_n_by_n_problem(monkeypatch):
-    """The public-SDPA path: two SDPA calls per layer, none wider than one segment pair."""
+    """Two SDPA calls per layer, none wider than one segment pair."""
+    from types import SimpleNamespace
+
     import llp_pretrain.models.pair_attention as pa
 
     calls = []
     real = pa.F.scaled_dot_product_attention
 
     def spy(q, k, v, attn_mask=None, **kw):
-        calls.append((tuple(q.shape), tuple(k.shape),
-                      None if attn_mask is None else tuple(attn_mask.shape)))
+        calls.append((tuple(q.shape), tuple(k.shape), type(attn_mask).__name__))
         return real(q, k, v, attn_mask=attn_mask, **kw)
 
-    monkeypatch.setattr(pa, "_cpu_kernel_applies", lambda *a: False)
-    monkeypatch.setattr(pa.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(pa, "F", SimpleNamespace(scaled_dot_product_attention=spy))
     cfg = cfg_for("llp", seq_len=64, segment_len=8, n_layers=2)
     build_model(cfg)(torch.randint(0, 17, (2, 64)))
     assert calls, "attention must go through scaled_dot_product_attention"
     for q, k, mask in calls:
         assert q[-2] <= 8 and k[-2] <= 16, (q, k)
-        assert mask in (None, (8, 16))
+        assert mask in ("NoneType", "CausalBias")
     # per layer: one causal call for segment 0 and one batched call for the 7 segment pairs
-    assert len(calls) == 4 and calls[1][0] == (2, 2 * 7, 8, 8)
-
-
-def test_llp_cpu_kernel_path_sees_only_segment_pairs(monkeypatch):
-    """The CPU path calls SDPA's CPU flash kernel on segment-pair windows only, both ways."""
-    import llp_pretrain.models.pair_attention as pa
-
-    assert pa._cpu_kernel_works(), "this torch's SDPA CPU flash kernel must take the windows"
-    calls = []
-
-    def spy(real, kind):
-        def f(*args, **kw):
-            q, k = (args[0], args[1]) if kind == "fwd" else (args[1], args[2])
-            calls.append((kind, tuple(q.shape), tuple(k.shape), kw.get("attn_mask") is not None))
-            return real(*args, **kw)
-        return f
-
-    monkeypatch.setattr(pa, "_FLASH_CPU", spy(pa._FLASH_CPU, "fwd"))
-    monkeypatch.setattr(pa, "_FLASH_CPU_BWD", spy(pa._FLASH_CPU_BWD, "bwd"))
-    cfg = cfg_for("llp", seq_len=64, segment_len=8, n_layers=2)
-    model = build_model(cfg)
-    loss, n = lm_loss(model, torch.randint(0, 17, (2, 65)))
-    loss.backward()
-    for kind, q, k, masked in calls:
-        assert q[-2] <= 8 and k[-2] <= 16, (kind, q, k)
-        assert masked == (k[-2] > 8)
-    # per layer and direction: per batch element one call per query half over all 7 pairs
-    # (keys: the previous segment plus the own keys up to the half's end), and one causal
-    # call for segment 0 of both batch elements
-    fwd = [c for c in calls if c[0] == "fwd"]
-    assert len(fwd) == 2 * 5 and len(calls) == 2 * len(fwd)
-    assert sorted((c[1][0], c[1][2], c[2][2]) for c in fwd[:5]) == [
-        (2, 8, 8), (7, 4, 12), (7, 4, 12), (7, 4, 16), (7, 4, 16)]
+    assert len(calls) == 4 and calls[1][0] == (2 * 7, 2, 8, 8)

@@ -1,23 +1,28 @@
-"""The two LLP pair-attention implementations against a dense float64 reference.
+"""LLP pair attention (public SDPA with ``causal_lower_right`` on segment pairs) against a dense
+float64 reference that writes the visibility rule out position by position.
 
-``pair_attention_cpu`` (SDPA's CPU flash kernel on overlapping key windows, own backward) and
-``pair_attention_sdpa`` (public SDPA on concatenated pairs) must both equal softmax attention
-under the explicit LLP visibility rule, in values and in every gradient, with and without a
-sequence-parallel halo, with shared keys/values, several batch elements and one segment.
+Values and every gradient, with and without a sequence-parallel halo, shared keys/values,
+grouped-query heads, odd sizes (``L`` not a multiple of 8, one and two segments); dropout.
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llp_pretrain.models import pair_attention as pa
 
 
 def _dense_reference(q, k, v, L, halo):
-    """float64 softmax attention with the LLP rule written out position by position."""
+    """float64 softmax attention with the LLP rule written out position by position; key/value
+    head ``j`` serves query heads ``j * G .. (j + 1) * G - 1``."""
     q, k, v = q.double(), k.double(), v.double()
     T = q.shape[2]
     if halo is not None:
         k = torch.cat([halo[0].double(), k], dim=2)
-        v = torch.cat([halo[1].double(), v], dim=2)
+        v = torch.cat([(halo[1] if halo[1] is not None else halo[0]).double(), v], dim=2)
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
     off = k.shape[2] - T  # key index of query 0
     visible = torch.zeros(T, k.shape[2], dtype=torch.bool)
     for i in range(T):
@@ -29,43 +34,49 @@ def _dense_reference(q, k, v, L, halo):
     return s.softmax(-1) @ v
 
 
-def _inputs(B, H, S, L, d, halo, shared, dtype=torch.float32, seed=0):
+def _inputs(B, H, S, L, d, halo, shared, dtype=torch.float32, seed=0, Hkv=None):
     g = torch.Generator().manual_seed(seed)
     T = S * L
+    Hkv = Hkv or H
 
-    def r(*shape):
+    def r(b, h, t, dd):
         # SDPA-style layout: (B, H, T, d) views of (B, T, H, d) memory
-        t = torch.randn(shape[0], shape[2], shape[1], shape[3], generator=g, dtype=dtype)
-        return t.transpose(1, 2).requires_grad_()
+        x = torch.randn(b, t, h, dd, generator=g, dtype=dtype)
+        return x.transpose(1, 2).requires_grad_()
 
-    q, k = r(B, H, T, d), r(B, H, T, d)
-    v = k if shared else r(B, H, T, d)
+    q, k = r(B, H, T, d), r(B, Hkv, T, d)
+    v = k if shared else r(B, Hkv, T, d)
     hal = None
     if halo:
-        kp = r(B, H, L, d)
-        hal = (kp, kp if shared else r(B, H, L, d))
+        kp = r(B, Hkv, L, d)
+        hal = (kp, kp if shared else r(B, Hkv, L, d))
     return q, k, v, hal
 
 
 CASES = [
-    # B, H, S, L, d, halo, shared
-    (1, 2, 5, 4, 8, False, False),
-    (3, 2, 4, 8, 4, False, False),
-    (2, 1, 1, 6, 8, False, False),   # a single segment: causal only
-    (2, 3, 3, 5, 4, False, True),    # shared keys/values, odd sizes
-    (2, 2, 3, 4, 8, True, False),    # sequence-parallel halo
-    (1, 2, 1, 4, 8, True, True),     # halo, one segment, shared
+    # B, H, Hkv, S, L, d, halo, shared
+    (1, 2, 2, 5, 4, 8, False, False),
+    (3, 2, 2, 4, 8, 4, False, False),
+    (2, 1, 1, 1, 6, 8, False, False),   # a single segment: causal only
+    (2, 2, 2, 2, 5, 8, False, False),   # two segments, L not a multiple of 8
+    (2, 3, 3, 3, 5, 4, False, True),    # shared keys/values, odd sizes
+    (1, 2, 2, 3, 1, 4, False, False),   # segments of one token
+    (2, 2, 2, 3, 4, 8, True, False),    # sequence-parallel halo
+    (1, 2, 2, 1, 4, 8, True, True),     # halo, one segment, shared
+    (2, 2, 2, 2, 7, 4, True, False),    # halo, two segments, L = 7
+    (2, 4, 2, 3, 5, 4, False, False),   # grouped-query: 2 query heads per key/value head
+    (1, 6, 2, 1, 3, 4, False, True),    # GQA, one segment, shared
+    (2, 4, 1, 2, 4, 8, True, False),    # multi-query with a halo
+    (1, 4, 2, 3, 3, 4, True, True),     # GQA, halo, shared
 ]
 
 
-@pytest.mark.parametrize("impl", ["cpu", "sdpa"])
-@pytest.mark.parametrize("B,H,S,L,d,halo,shared", CASES)
-def test_pair_attention_matches_dense_rule(impl, B, H, S, L, d, halo, shared):
-    fn = pa.pair_attention_cpu if impl == "cpu" else pa.pair_attention_sdpa
-    q, k, v, hal = _inputs(B, H, S, L, d, halo, shared)
+@pytest.mark.parametrize("B,H,Hkv,S,L,d,halo,shared", CASES)
+def test_pair_attention_matches_dense_rule(B, H, Hkv, S, L, d, halo, shared):
+    q, k, v, hal = _inputs(B, H, S, L, d, halo, shared, Hkv=Hkv)
     leaves = [q, k] + ([] if shared else [v]) + (
         [] if hal is None else [hal[0]] + ([] if shared else [hal[1]]))
-    out = fn(q, k, v, L, d ** -0.5, halo=hal)
+    out = pa.pair_attention(q, k, v, L, d ** -0.5, halo=hal)
     assert out.shape == q.shape
     ref = _dense_reference(q, k, v, L, hal)
     torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
@@ -78,107 +89,97 @@ def test_pair_attention_matches_dense_rule(impl, B, H, S, L, d, halo, shared):
                                    msg=lambda m, name=name: f"grad {name}: {m}")
 
 
-def test_dispatcher_uses_the_cpu_kernel_where_it_applies():
+@pytest.mark.parametrize("halo", [False, True])
+def test_float64_inputs_match_the_reference_to_float64_precision(halo):
+    q, k, v, hal = _inputs(2, 4, 3, 6, 4, halo, False, dtype=torch.float64, Hkv=2)
+    out = pa.pair_attention(q, k, v, 6, 4 ** -0.5, halo=hal)
+    torch.testing.assert_close(out, _dense_reference(q, k, v, 6, hal), atol=1e-12, rtol=1e-12)
+
+
+def test_merging_heads_of_the_output_is_free():
+    """The output is a (B, H, T, d) view of (B, T, H, d) memory (no copy in merge_heads)."""
+    q, k, v, _ = _inputs(2, 2, 4, 4, 8, False, False)
+    out = pa.pair_attention(q, k, v, 4, 0.3)
+    assert out.transpose(1, 2).is_contiguous()
+
+
+def test_only_segment_pairs_reach_sdpa(monkeypatch):
+    """One is_causal call for segment 0 and one lower-right call over all pairs, never wider
+    than one pair, and the pair call carries causal_lower_right, not a mask tensor."""
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((tuple(q.shape), tuple(k.shape), type(attn_mask).__name__, is_causal))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    # replace the module's F only: CausalBias dispatches on the real function's identity
+    monkeypatch.setattr(pa, "F", SimpleNamespace(scaled_dot_product_attention=spy))
+    q, k, v, hal = _inputs(2, 4, 5, 8, 8, True, False, Hkv=2)
+    pa.pair_attention(q, k, v, 8, 0.3)
+    assert calls == [((2, 4, 8, 8), (2, 4, 8, 8), "NoneType", True),
+                     ((8, 4, 8, 8), (8, 4, 16, 8), "CausalBias", False)]
+    calls.clear()
+    pa.pair_attention(q, k, v, 8, 0.3, halo=hal)
+    assert calls == [((10, 4, 8, 8), (10, 4, 16, 8), "CausalBias", False)]
+
+
+def test_causal_lower_right_is_the_pair_mask():
+    from torch.nn.attention.bias import causal_lower_right
+
+    for L in (1, 3, 8):
+        assert torch.equal(causal_lower_right(L, 2 * L)._materialize(), pa.pair_mask(L))
+
+
+def test_dropout_drops_attention_probabilities_and_keeps_the_visibility_rule():
+    """With dropout the output changes between calls; every output row still depends only on
+    the keys the rule lets it see (exact zero gradients elsewhere), and dropout_p = 0 is exact."""
     q, k, v, _ = _inputs(1, 2, 3, 4, 8, False, False)
-    assert pa._cpu_kernel_works(), "torch 2.13 CPU flash kernel must take the strided windows"
-    assert pa._cpu_kernel_applies(q, k, v, 0.0)
-    assert not pa._cpu_kernel_applies(q, k, v, 0.1)  # dropout: the SDPA path
-    assert not pa._cpu_kernel_applies(q.double(), k.double(), v.double(), 0.0)
-    assert not pa._cpu_kernel_applies(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.0)
+    torch.manual_seed(0)
+    a = pa.pair_attention(q, k, v, 4, 8 ** -0.5, dropout_p=0.5)
+    b = pa.pair_attention(q, k, v, 4, 8 ** -0.5, dropout_p=0.5)
+    assert not torch.allclose(a, b)
+    ref = _dense_reference(q, k, v, 4, None)
+    torch.testing.assert_close(pa.pair_attention(q, k, v, 4, 8 ** -0.5, dropout_p=0.0).double(),
+                               ref, atol=2e-6, rtol=1e-5)
+    for i in (0, 3, 4, 7, 11):
+        (gk,) = torch.autograd.grad(a[0, :, i].sum(), k, retain_graph=True)
+        seen = gk[0].abs().sum((0, 2)) > 0
+        lo = max(0, (i // 4 - 1) * 4)
+        assert not seen[:lo].any() and not seen[i + 1:].any(), (i, seen)
 
 
-def test_bf16_cpu_kernel_is_as_close_to_float64_as_the_sdpa_path():
-    q, k, v, _ = _inputs(2, 2, 4, 8, 8, False, False, dtype=torch.bfloat16)
-    go = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
-    ref = _dense_reference(q, k, v, 8, None)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), go.double())
-    errs = {}
-    for name, fn in (("cpu", pa.pair_attention_cpu), ("sdpa", pa.pair_attention_sdpa)):
-        out = fn(q, k, v, 8, 8 ** -0.5)
-        grads = torch.autograd.grad(out, (q, k, v), go.to(out.dtype))
-        errs[name] = [((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-                      for a, b in zip((out, *grads), (ref, *ref_grads))]
-    for e_cpu, e_sdpa in zip(errs["cpu"], errs["sdpa"]):
-        assert e_cpu < 0.05 and e_cpu <= 1.5 * e_sdpa + 1e-3, errs
-
-
-@pytest.mark.parametrize("fn", [pa.pair_attention, pa.pair_attention_cpu,
-                                pa.pair_attention_sdpa])
-def test_bad_shapes_are_refused_by_every_entry_point(fn):
+def test_bad_shapes_are_refused():
     q, k, v, hal = _inputs(2, 2, 2, 4, 8, True, False)
     cases = [
         ((q, k, v, 3), "not a positive multiple of segment_len 3"),
         ((q, k, v, 0), "segment_len must be a positive int"),
         ((q, k[:, :, :4], v, 4), "one shape"),  # fewer keys than queries
+        ((q, k[:, :1].expand(2, 1, 8, 8), v, 4), "one shape"),  # k and v heads differ
         ((q[:, :, :0], k[:, :, :0], v[:, :, :0], 4), "not a positive multiple"),
         ((q[0], k[0], v[0], 4), r"\(B, H, T, d\)"),
     ]
+    q3, k3, v3, _ = _inputs(1, 3, 2, 4, 8, False, False, Hkv=2)
+    cases.append(((q3, k3, v3, 4), "Hkv dividing H"))
     for args, msg in cases:
         with pytest.raises(ValueError, match=msg):
-            fn(*args, 0.5)
+            pa.pair_attention(*args, 0.5)
     with pytest.raises(ValueError, match="halo keys/values must be"):
-        fn(q, k, v, 4, 0.5, halo=(hal[0][:, :, :2], hal[1][:, :, :2]))
+        pa.pair_attention(q, k, v, 4, 0.5, halo=(hal[0][:, :, :2], hal[1][:, :, :2]))
 
 
-@pytest.mark.parametrize("impl", ["cpu", "sdpa"])
-def test_halo_without_values_means_shared(impl):
-    fn = pa.pair_attention_cpu if impl == "cpu" else pa.pair_attention_sdpa
+def test_halo_without_values_means_shared():
     q, k, _, hal = _inputs(2, 2, 3, 4, 8, True, True)
-    torch.testing.assert_close(fn(q, k, k, 4, 0.3, halo=(hal[0], None)),
-                               fn(q, k, k, 4, 0.3, halo=(hal[0], hal[0])))
+    torch.testing.assert_close(pa.pair_attention(q, k, k, 4, 0.3, halo=(hal[0], None)),
+                               pa.pair_attention(q, k, k, 4, 0.3, halo=(hal[0], hal[0])))
 
 
-@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "autocast_bf16", "float64_default"])
-def test_kernel_probe_is_independent_of_the_first_callers_mode(monkeypatch, mode):
-    """The one-time probe once ran under the first caller's no_grad (a generation or eval
-    call), failed there, and switched the fast path off for the whole process."""
-    import contextlib
-
-    monkeypatch.setattr(pa, "_PROBE", {})
-    ctx = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode(),
-           "autocast_bf16": torch.autocast("cpu", dtype=torch.bfloat16),
-           "float64_default": contextlib.nullcontext()}[mode]
-    if mode == "float64_default":
-        old = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float64)
-    try:
-        with ctx:
-            q, k, v, _ = _inputs(1, 2, 3, 4, 8, False, False)
-            assert pa._cpu_kernel_applies(q.detach(), k.detach(), v.detach(), 0.0)
-    finally:
-        if mode == "float64_default":
-            torch.set_default_dtype(old)
-    assert pa._PROBE == {"ok": True}
-
-
-def test_first_llp_call_inside_activation_checkpointing_trains(monkeypatch):
-    """The probe once ran autograd inside the first checkpointed block, so the checkpoint saw
-    more saved tensors in the forward than in the recomputation and the first backward died
-    with CheckpointError (the llp_350m/1.3b configs checkpoint by default)."""
-    from llp_pretrain.models import ModelConfig, build_model, lm_loss
-
-    monkeypatch.setattr(pa, "_PROBE", {})
-    model = build_model(ModelConfig(variant="llp", vocab_size=37, n_layers=2, d_model=8,
-                                    n_heads=2, seq_len=8, segment_len=4,
-                                    checkpoint_activations=True)).train()
-    loss, _ = lm_loss(model, torch.randint(0, 37, (2, 9)))
-    loss.backward()
-    assert pa._PROBE == {"ok": True}
-    assert all(p.grad is not None for p in model.parameters())
-
-
-def test_a_kernel_that_misreads_windows_falls_back_with_a_warning(monkeypatch):
-    """A torch whose private kernel copies or misreads strided inputs must not be used."""
-    real = pa._FLASH_CPU
-
-    def misreading(q, k, v, *a, **kw):  # gets strided keys wrong, contiguous ones right
-        return real(q, k if k.is_contiguous() else k.flip(2), v, *a, **kw)
-
-    monkeypatch.setattr(pa, "_PROBE", {})
-    monkeypatch.setattr(pa, "_FLASH_CPU", misreading)
-    q, k, v, _ = _inputs(1, 2, 3, 4, 8, False, False)
-    with pytest.warns(RuntimeWarning, match="public-SDPA path"):
-        assert not pa._cpu_kernel_applies(q, k, v, 0.0)
-    out = pa.pair_attention(q, k, v, 4, 8 ** -0.5)
-    torch.testing.assert_close(out.double(), _dense_reference(q, k, v, 4, None),
-                               atol=2e-6, rtol=1e-5)
+def test_bf16_is_close_to_float64():
+    q, k, v, _ = _inputs(2, 2, 4, 8, 8, False, False, dtype=torch.bfloat16)
+    go = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    ref = _dense_reference(q, k, v, 8, None)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), go.double())
+    out = pa.pair_attention(q, k, v, 8, 8 ** -0.5)
+    grads = torch.autograd.grad(out, (q, k, v), go.to(out.dtype))
+    for a, b in zip((out, *grads), (ref, *ref_grads)):
+        assert ((a.double() - b).abs().max() / b.abs().max()).item() < 0.05

@@ -103,3 +103,91 @@ def test_lr_stays_continuous_when_max_steps_changes_on_resume():
     # other schedule fields: refused with the way out
     with pytest.raises(ValueError, match="train.lr: 1.0 -> 2.0.*only train.max_steps may change"):
         resumed_schedule(SimpleNamespace(**{**vars(old), "lr": 2.0}), meta)
+
+
+def test_damaged_run_meta_is_named(tmp_path):
+    d = tmp_path / "checkpoints"
+    tag = _fake_save(d, 2)
+    for text in ("{not json", "[1, 2]", '{"step": "two"}', "\udcff"):
+        (d / tag / "run_meta.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+        with pytest.raises(ValueError, match=r"step00000002/run_meta.json.*damaged"):
+            ckpt.read_meta(d / tag)
+
+
+def test_lost_or_forged_latest_never_restarts_a_run(tmp_path):
+    """A missing `latest`, one naming a missing tag or a path outside the directory: `--resume auto`
+    continues from the newest complete checkpoint instead of silently starting from step 0."""
+    d = tmp_path / "checkpoints"
+    _fake_save(d, 2)
+    _fake_save(d, 4)
+    (d / "latest").unlink()
+    assert ckpt.resolve_resume("auto", d) == (d, "step00000004")
+    for forged in ("step00000099", "../../other/checkpoints/step00000002", "step00000002/.."):
+        (d / "latest").write_text(forged + "\n")
+        assert ckpt.read_latest(d) is None
+        assert ckpt.resolve_resume("auto", d) == (d, "step00000004")
+
+
+def test_a_fifo_in_a_checkpoint_is_refused_not_read(tmp_path):
+    import os
+
+    tag = tmp_path / "step00000002"
+    tag.mkdir()
+    os.mkfifo(tag / "mp_rank_00_model_states.pt")
+    with pytest.raises(ckpt.UntrustedCheckpointError, match="mp_rank_00_model_states.pt: not a regular file"):
+        ckpt.check_loadable(tag)
+
+
+def test_one_training_per_run_directory(tmp_path):
+    import subprocess
+    import sys
+
+    from llp_pretrain.run_identity import hold_run_lock
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from llp_pretrain.run_identity import "
+                               f"hold_run_lock; hold_run_lock({str(run)!r}); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=rf"in use by another training process \(pid {holder.pid}\)"):
+            hold_run_lock(run)
+    finally:
+        holder.kill()
+        holder.wait()
+    hold_run_lock(run)  # released when its holder died
+    hold_run_lock(run)  # the same process may start another training in it
+
+
+def test_exported_weights_that_are_not_safetensors_are_refused(tmp_path):
+    import json
+    import pickle
+
+    from llp_pretrain.export import load_model
+
+    (tmp_path / "model_config.json").write_text(json.dumps({"variant": "gpt", "vocab_size": 8, "d_model": 8,
+                                                             "n_heads": 2, "n_layers": 1, "seq_len": 8}))
+    from pathlib import Path
+
+    class Planted:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "ran",))
+
+    marker = tmp_path / "ran"
+    with open(tmp_path / "model.safetensors", "wb") as f:
+        pickle.dump({"x": Planted()}, f)
+    with pytest.raises(ValueError, match="model.safetensors: not a valid safetensors file"):
+        load_model(tmp_path)
+    assert not marker.exists()
+    (tmp_path / "model_config.json").write_text("{bad")
+    with pytest.raises(ValueError, match="model_config.json: not valid JSON"):
+        load_model(tmp_path)
+
+
+def test_training_reads_manifests_with_the_checked_reader(tmp_path):
+    from llp_pretrain.config import read_manifest
+
+    for text, key in (("[1, 2]", "format_version"), ('{"format_version": 1, "seq_len": "32"}', "seq_len")):
+        (tmp_path / "manifest.json").write_text(text)
+        with pytest.raises(ValueError, match=key):
+            read_manifest(tmp_path)

@@ -16,6 +16,10 @@ CONFIGS = [
     dict(checkpoint_activations=True),
     dict(shared_kv=True, separate_first_segment_proj=True, checkpoint_activations=True),
     dict(kv_layernorm=True, rope_layers="first", tie_embeddings=True),
+    # the Llama-style set with grouped-query attention, chunked loss (2-4 chunks per rank)
+    dict(norm="rmsnorm", mlp="swiglu", bias=False, n_kv_heads=2, checkpoint_activations=True,
+         loss_chunk_len=12),
+    dict(norm="rmsnorm", mlp="swiglu", bias=False, n_kv_heads=1, shared_kv=True),
 ]
 
 
@@ -85,9 +89,12 @@ def test_llp_sequence_parallel_matches_single_process(world, tmp_path):
             assert set(r["grad_err"]) and all(
                 e <= 1e-5 * max(1.0, r["grad_scale"]) for e in r["grad_err"].values()
             ), (tag, {k: e for k, e in r["grad_err"].items() if e > 1e-6})
-            # bytes per layer: 2 * segment_len * d_model elements (half with shared K/V) x batch
+            # elements per layer: 2 * segment_len * n_kv_heads * head_dim (half with shared K/V)
+            # x batch, i.e. 2 L D Hkv / H
             kv = 1 if extra.get("shared_kv") else 2
-            per_layer = kv * BASE["segment_len"] * BASE["d_model"] * batch
+            kv_width = BASE["d_model"] // BASE["n_heads"] * extra.get("n_kv_heads",
+                                                                         BASE["n_heads"])
+            per_layer = kv * BASE["segment_len"] * kv_width * batch
             layers = {i: per_layer for i in range(BASE["n_layers"])}
             first, last = rank == 0, rank == world - 1
             assert r["fwd_send"] == ({} if last else layers), tag

@@ -81,8 +81,13 @@ def run_ranks(fn, world: int, args=(), timeout: float = 90.0, tmp: Path = None):
 # ----------------------------------------------------------------------------------------------
 # a tiny LLP attention stack (ARCHITECTURES.md section 6), single process or sequence-parallel
 def _llp_attention(q, k, v, L, k_halo=None, v_halo=None):
-    """q, k, v: (B, H, n, d) for a chunk of whole segments; halo: (B, H, L, d) or None."""
+    """q: (B, H, n, d), k, v: (B, Hkv, n, d) for a chunk of whole segments; halo: (B, Hkv, L, d)
+    or None. Key/value head j serves query heads j * H/Hkv .. (j + 1) * H/Hkv - 1."""
     B, H, n, d = q.shape
+    G = H // k.shape[1]
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    if k_halo is not None:
+        k_halo, v_halo = k_halo.repeat_interleave(G, 1), v_halo.repeat_interleave(G, 1)
     S = n // L
     outs = []
     causal = torch.ones(L, L, dtype=torch.bool).tril()
@@ -109,8 +114,8 @@ def _layer(x, w, L, H, shared_kv, sp):
     d = D // H
     h = torch.nn.functional.layer_norm(x, (D,))
     q = (h @ w["q"]).view(B, n, H, d).transpose(1, 2)
-    k = (h @ w["k"]).view(B, n, H, d).transpose(1, 2)
-    v = k if shared_kv else (h @ w["v"]).view(B, n, H, d).transpose(1, 2)
+    k = (h @ w["k"]).view(B, n, -1, d).transpose(1, 2)  # Hkv = w["k"].shape[1] / d heads
+    v = k if shared_kv else (h @ w["v"]).view(B, n, -1, d).transpose(1, 2)
     kh = vh = None
     if sp is not None:
         got = sp.exchange_halo(k[:, :, -L:], None if shared_kv else v[:, :, -L:])
@@ -135,10 +140,13 @@ def _stack(x, weights, L, H, shared_kv, sp=None, checkpoint=False):
     return x
 
 
-def _make(seed, B, N, D, n_layers):
+def _make(seed, B, N, D, n_layers, Dkv=None):
+    """Weights of the stack; k and v project to ``Dkv`` (``Hkv * d``, grouped-query) columns."""
     g = torch.Generator().manual_seed(seed)
+    Dkv = Dkv or D
     weights = [
-        {k: (torch.randn(D, D, generator=g) / math.sqrt(D)).requires_grad_() for k in "qkvom"}
+        {k: (torch.randn(D, Dkv if k in "kv" else D, generator=g) / math.sqrt(D)).requires_grad_()
+         for k in "qkvom"}
         for _ in range(n_layers)
     ]
     x = torch.randn(B, N, D, generator=g)
@@ -157,7 +165,8 @@ def _halo_worker(rank, world, cases):
     results = []
     for case in cases:
         B, N, D, H, L, n_layers = case["B"], case["N"], case["D"], case["H"], case["L"], case["layers"]
-        weights, x, c = _make(case["seed"], B, N, D, n_layers)
+        Dkv = D // H * case.get("Hkv", H)
+        weights, x, c = _make(case["seed"], B, N, D, n_layers, Dkv)
         # single-process reference on the whole sequence
         xr = x.clone().requires_grad_()
         ref_out = _stack(xr, weights, L, H, case["shared_kv"])
@@ -217,6 +226,9 @@ CASES = [
     dict(seed=1, B=2, N=32, D=16, H=2, L=4, layers=3, shared_kv=False, ckpt=False),
     dict(seed=2, B=2, N=32, D=16, H=2, L=4, layers=3, shared_kv=False, ckpt=True),
     dict(seed=3, B=1, N=32, D=16, H=4, L=8, layers=2, shared_kv=True, ckpt=True),
+    # grouped-query attention: 2 key/value heads for 4 query heads, half the halo
+    dict(seed=4, B=2, N=32, D=16, H=4, Hkv=2, L=4, layers=2, shared_kv=False, ckpt=True),
+    dict(seed=5, B=1, N=32, D=16, H=4, Hkv=1, L=4, layers=2, shared_kv=True, ckpt=False),
 ]
 
 
@@ -228,8 +240,11 @@ def _check(results, world):
             assert r["xgrad_err"] < 1e-5, tag
             for k, e in r["grad_err"].items():
                 assert e < 1e-5 * max(1.0, r["grad_scale"]), (tag, k, e)
-            # communication: one segment of keys (+ values) per layer, each direction
-            per = case["B"] * case["L"] * case["D"] * (1 if case["shared_kv"] else 2)
+            # communication: one segment of keys (+ values) per layer, each direction:
+            # 2 * B * L * Hkv * d elements (= 2 B L D Hkv / H; half with shared K/V)
+            d = case["D"] // case["H"]
+            per = (case["B"] * case["L"] * case.get("Hkv", case["H"]) * d
+                   * (1 if case["shared_kv"] else 2))
             layers = set(range(case["layers"]))
             assert r["calls"] == case["layers"]
             if not case["ckpt"]:

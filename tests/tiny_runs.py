@@ -72,7 +72,7 @@ def write_tiny_dataset(out_dir: str | os.PathLike, seq_len: int, train_samples: 
                              "json": json.dumps(meta).encode()})
                     k += 1
             shards_meta.append({"name": name, "split": split, "samples": count, "tokens": count * (seq_len + 1),
-                                "sha256": _sha256(path)})
+                                "bytes": path.stat().st_size, "sha256": _sha256(path)})
         text_tokens = n * seq_len + 1
         totals[split] = {"documents": 1, "samples": n, "tokens": n * (seq_len + 1), "text_bytes": int(text_tokens * bytes_per_token),
                          "text_tokens": text_tokens, "shards": len(counts)}

@@ -67,7 +67,24 @@ class ModelConfig(BaseModel):
             (reference ``to_out_0``).
         tie_embeddings: the output head shares the token-embedding matrix.
         checkpoint_activations: non-reentrant activation checkpointing per block when training.
-        mlp_ratio: MLP hidden width is ``mlp_ratio * d_model``.
+        mlp_ratio: MLP size. ``gelu``: hidden width ``mlp_ratio * d_model``. ``swiglu``: hidden
+            width ``mlp_hidden`` = ``2 * mlp_ratio * d_model / 3`` rounded to the nearest
+            multiple of 8 (ties up, at least 8), so its three matrices hold as many weights as
+            gelu's two (up to the rounding).
+        norm: ``layernorm`` (default) or ``rmsnorm`` for the block and final norms (the per-head
+            ``kv_layernorm`` stays a LayerNorm).
+        mlp: ``gelu`` (default: ``Linear -> GELU -> Linear``) or ``swiglu``
+            (``Linear(SiLU(x W_gate) * (x W_up))``).
+        bias: biases on the linear layers that have one by default (attention output
+            projections, MLP, output head, compressed-history ``Linear(h, c)``); ``False``
+            removes them all (q/k/v projections never have one; norms keep theirs).
+        n_kv_heads: key/value heads ``Hkv`` (grouped-query attention); must divide ``n_heads``;
+            default ``n_heads``. Query head ``h`` uses key/value head ``h // (n_heads / Hkv)``.
+            Shrinks K/V projections, generation caches and LLP's sequence-parallel halo by
+            ``n_heads / Hkv``.
+        loss_chunk_len: the training loss projects, log-softmaxes and scores at most this many
+            token rows at a time, recomputing each chunk in backward, so the ``(B, N, V)``
+            logits never exist during training (``loss.py``); 0 = one pass over all rows.
         compressed_history_residual: residual of ``compressed_history``'s layer 0: ``compress``
             (default: history inputs compressed like the history outputs, latents keep their
             inputs) or ``truncate`` (reference: adds ``x[:, :c + m]``, misaligned when c != h).
@@ -96,6 +113,11 @@ class ModelConfig(BaseModel):
     checkpoint_activations: bool = False
     mlp_ratio: int = Field(default=4, gt=0)
     compressed_history_residual: Literal["compress", "truncate"] = "compress"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    bias: bool = True
+    n_kv_heads: Optional[int] = Field(default=None, gt=0)
+    loss_chunk_len: int = Field(default=4096, ge=0)
 
     @model_validator(mode="after")
     def _check_combination(self) -> "ModelConfig":
@@ -107,6 +129,11 @@ class ModelConfig(BaseModel):
             raise ValueError(
                 f"head width d_model/n_heads = {self.d_model // self.n_heads} must be even "
                 "(RoPE rotates pairs); change d_model or n_heads"
+            )
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(
+                f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads}) "
+                "(each key/value head serves n_heads / n_kv_heads query heads)"
             )
         v = self.variant
         if v == "llp":
@@ -174,6 +201,20 @@ class ModelConfig(BaseModel):
     def head_dim(self) -> int:
         """Head width ``d = d_model / n_heads``."""
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads ``Hkv`` (``n_kv_heads``, default ``n_heads``)."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        """MLP hidden width: ``mlp_ratio * d_model`` for ``gelu``; for ``swiglu`` the multiple
+        of 8 nearest to ``2 * mlp_ratio * d_model / 3`` (ties up; at least 8), so that its three
+        ``D x hidden`` matrices match gelu's two ``D x r D`` ones in weights."""
+        if self.mlp == "gelu":
+            return self.mlp_ratio * self.d_model
+        return 8 * max(1, (self.mlp_ratio * self.d_model + 6) // 12)  # ties round up
 
     @property
     def history_len(self) -> int:

@@ -2,10 +2,14 @@
 
 Convention (documented in ``docs/models.md``): a multiply-add is 2 FLOPs; backward costs twice
 the forward, so training = 3 x forward. Counted per layer: the q, k/v and output projections on
-the rows that compute them, the MLP (``2 * 2 * r * D^2`` per row), the compressed-history
-``Linear(h, c)``, and attention as ``4 * D`` FLOPs per *visible* (unmasked) query-key pair
-(``q k^T`` and ``p v``). Plus the output head ``2 * D * V`` per output row. The embedding lookup,
-LayerNorms, softmax and RoPE are not counted. The result is divided by the ``N`` input tokens.
+the rows that compute them (k/v ``D x Hkv d`` with ``n_kv_heads``), the MLP
+(``2 * 2 * D * h_mlp`` per row for ``gelu``, ``2 * 3 * D * h_mlp`` for ``swiglu``,
+``h_mlp = cfg.mlp_hidden``), the compressed-history ``Linear(h, c)``, and attention as
+``4 * D`` FLOPs per *visible* (unmasked) query-key pair (``q k^T`` and ``p v``; the same with
+grouped-query heads). Plus the output head ``2 * D * V``
+per output row. The embedding lookup, norms, biases, activations, softmax and RoPE are not
+counted, nor recomputation (activation checkpointing, the chunked loss's head). The result is
+divided by the ``N`` input tokens.
 """
 from __future__ import annotations
 
@@ -18,9 +22,11 @@ def _causal_pairs(n: int) -> int:
 
 def _linear_layer_flops(cfg: ModelConfig, rows_q: int, rows_kv: int, rows_out: int) -> float:
     D = cfg.d_model
+    Dkv = cfg.kv_heads * cfg.head_dim  # grouped-query: narrower key/value projections
     kv = 1 if cfg.shared_kv else 2
-    proj = 2 * D * D * (rows_q + kv * rows_kv + rows_out)
-    mlp = 2 * 2 * cfg.mlp_ratio * D * D * rows_out
+    proj = 2 * D * (D * rows_q + kv * Dkv * rows_kv + D * rows_out)
+    n_mat = 3 if cfg.mlp == "swiglu" else 2  # gate, up, down vs fc1, fc2
+    mlp = 2 * n_mat * D * cfg.mlp_hidden * rows_out
     return proj + mlp
 
 

@@ -33,10 +33,10 @@ def new_cache(model, batch: int):
     cfg = model.cfg
     p = next(model.parameters())
     if cfg.variant == "llp":
-        return LLPCache(cfg.n_layers, batch, cfg.n_heads, cfg.head_dim, cfg.segment_len,
+        return LLPCache(cfg.n_layers, batch, cfg.kv_heads, cfg.head_dim, cfg.segment_len,
                         dtype=p.dtype, device=p.device)
     if cfg.variant == "gpt":
-        return GPTCache(cfg.n_layers, batch, cfg.n_heads, cfg.head_dim, cfg.seq_len,
+        return GPTCache(cfg.n_layers, batch, cfg.kv_heads, cfg.head_dim, cfg.seq_len,
                         dtype=p.dtype, device=p.device)
     raise ValueError(f"variant {cfg.variant!r} has no key/value cache")
 

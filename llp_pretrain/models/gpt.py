@@ -33,7 +33,7 @@ class CausalSelfAttention(AttentionBase):
 
 
 class GPTCache:
-    """Key/value cache of a ``gpt`` model: ``(B, H, capacity, d)`` buffers per layer.
+    """Key/value cache of a ``gpt`` model: ``(B, Hkv, capacity, d)`` buffers per layer.
 
     ``capacity`` is ``seq_len``; the model falls back to re-running the window beyond it.
     """

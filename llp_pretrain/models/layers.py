@@ -43,19 +43,36 @@ def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * rotations).flatten(-2).to(x.dtype)
 
 
-class MLP(nn.Module):
-    """``Linear(D, r D) -> GELU -> Dropout -> Linear(r D, D)`` on ``(B, T, D)``."""
+def make_norm(cfg: ModelConfig, width: int) -> nn.Module:
+    """The block/final norm of ``cfg.norm``: ``nn.LayerNorm`` or ``nn.RMSNorm`` (eps 1e-5)."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(width, eps=1e-5)
+    return nn.LayerNorm(width, eps=1e-5)
 
-    def __init__(self, d_model: int, ratio: int, dropout: float):
+
+class MLP(nn.Module):
+    """The feed-forward layer on ``(B, T, D)``, hidden width ``h = cfg.mlp_hidden``.
+
+    ``gelu``: ``fc2(Dropout(GELU(fc1(x))))`` with ``fc1: D -> h``.
+    ``swiglu``: ``fc1: D -> 2h`` (gate and up projections in one matrix), then
+    ``fc2(Dropout(SiLU(gate) * up))``. Biases follow ``cfg.bias``.
+    """
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc1 = nn.Linear(d_model, ratio * d_model)
-        self.act = nn.GELU()
+        D, h = cfg.d_model, cfg.mlp_hidden
+        self.swiglu = cfg.mlp == "swiglu"
+        self.fc1 = nn.Linear(D, 2 * h if self.swiglu else h, bias=cfg.bias)
+        self.act = nn.SiLU() if self.swiglu else nn.GELU()
         # ``nn.Dropout(0.0)`` still copies its input in training mode (a full (B, T, r D)
         # pass forward and backward), so with no dropout there is no module at all.
-        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.fc2 = nn.Linear(ratio * d_model, d_model)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.fc2 = nn.Linear(h, D, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            gate, up = self.fc1(x).chunk(2, dim=-1)
+            return self.fc2(self.drop(self.act(gate) * up))
         return self.fc2(self.drop(self.act(self.fc1(x))))
 
 
@@ -76,11 +93,13 @@ class ForwardContext:
 
 
 class AttentionBase(nn.Module):
-    """Projections of one attention layer (no bias on q/k/v; output projection with bias).
+    """Projections of one attention layer (no bias on q/k/v; output projection with a bias
+    when ``cfg.bias``).
 
     Options from ``ModelConfig``: ``shared_kv`` (one ``kv_proj``; the rotated, normed result is
     both keys and values, as in the reference), ``kv_layernorm`` (per-head LayerNorm of width
-    ``d`` applied after RoPE), RoPE on/off for this layer (``rope_layers``).
+    ``d`` applied after RoPE), RoPE on/off for this layer (``rope_layers``), ``n_kv_heads``
+    (keys/values have ``Hkv = cfg.kv_heads`` heads: ``(B, Hkv, T, d)``; grouped-query attention).
     """
 
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -88,19 +107,21 @@ class AttentionBase(nn.Module):
         self.cfg = cfg
         self.layer = layer
         self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.kv_heads
         self.head_dim = cfg.head_dim
         D = cfg.d_model
+        Dkv = self.n_kv_heads * self.head_dim
         self.q_proj = nn.Linear(D, D, bias=False)
         if cfg.shared_kv:
-            self.kv_proj = nn.Linear(D, D, bias=False)
+            self.kv_proj = nn.Linear(D, Dkv, bias=False)
         else:
-            self.k_proj = nn.Linear(D, D, bias=False)
-            self.v_proj = nn.Linear(D, D, bias=False)
+            self.k_proj = nn.Linear(D, Dkv, bias=False)
+            self.v_proj = nn.Linear(D, Dkv, bias=False)
         if cfg.kv_layernorm:
             self.kv_norm = nn.LayerNorm(self.head_dim)
             if not cfg.shared_kv:
                 self.v_norm = nn.LayerNorm(self.head_dim)
-        self.out_proj = nn.Linear(D, D)
+        self.out_proj = nn.Linear(D, D, bias=cfg.bias)
         self.use_rope = cfg.uses_rope(layer)
         self.register_buffer(
             "inv_freq", rope_inv_freq(self.head_dim, cfg.rope_theta), persistent=False
@@ -124,9 +145,9 @@ class AttentionBase(nn.Module):
 
     # ---- projections --------------------------------------------------------------------
     def _heads(self, proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """``proj(x)`` for ``x`` ``(B, T, D)`` as ``(B, T, H, d)`` (contiguous)."""
+        """``proj(x)`` for ``x`` ``(B, T, D)`` as ``(B, T, heads, d)`` (contiguous)."""
         B, T, _ = x.shape
-        return proj(x).view(B, T, self.n_heads, self.head_dim)
+        return proj(x).view(B, T, -1, self.head_dim)
 
     def queries(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Queries ``(B, H, T, d)`` of normed inputs ``x`` ``(B, T, D)`` at ``positions`` ``(T,)``.
@@ -136,7 +157,7 @@ class AttentionBase(nn.Module):
         return self._rope(self._heads(self.q_proj, x), positions).transpose(1, 2)
 
     def keys_values(self, x: torch.Tensor, positions: torch.Tensor):
-        """Keys and values ``(B, H, T, d)`` each (views of ``(B, T, H, d)`` memory); with
+        """Keys and values ``(B, Hkv, T, d)`` each (views of ``(B, T, Hkv, d)`` memory); with
         ``shared_kv`` they are the same tensor."""
         if self.cfg.shared_kv:
             k = self._rope(self._heads(self.kv_proj, x), positions)
@@ -152,14 +173,17 @@ class AttentionBase(nn.Module):
         return k.transpose(1, 2), v.transpose(1, 2)
 
     def attend(self, q, k, v, mask: Optional[torch.Tensor] = None, causal: bool = False):
-        """SDPA with scale ``d**-0.5``; ``mask`` is boolean (True = visible), broadcastable.
+        """SDPA of ``q`` ``(B, H, Tq, d)`` over ``k, v`` ``(B, Hkv, Tk, d)`` with scale
+        ``d**-0.5``; ``mask`` is boolean (True = visible), broadcastable. With ``Hkv < H`` SDPA's
+        ``enable_gqa`` maps query head ``h`` to key/value head ``h // (H / Hkv)``.
 
         Attention-probability dropout ``cfg.dropout`` is applied only in training mode.
         """
         p = self.dropout if self.training else 0.0
+        gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal and mask is None,
-            scale=self.head_dim ** -0.5,
+            scale=self.head_dim ** -0.5, **gqa,
         )
 
     def residual(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

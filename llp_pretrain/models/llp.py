@@ -8,7 +8,7 @@ linear in ``N`` for a fixed ``L``).
 
 Sequence parallelism: with a ``seq_parallel`` object, ``x`` is this rank's chunk (a whole number
 of segments); each layer calls ``seq_parallel.exchange_halo(k_last, v_last)`` with the keys and
-values ``(B, H, L, d)`` of its last local segment (``v_last`` is None with ``shared_kv``) and gets
+values ``(B, Hkv, L, d)`` of its last local segment (``v_last`` is None with ``shared_kv``) and gets
 the previous rank's ``(k_prev, v_prev)`` or None; the first local segment then attends to that
 halo like any segment ``s >= 1``.
 """
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .layers import AttentionBase, ForwardContext
-from .pair_attention import pair_attention
+from .pair_attention import pair_attention, pair_bias
 
 
 class LLPAttention(AttentionBase):
@@ -27,8 +27,9 @@ class LLPAttention(AttentionBase):
     def __init__(self, cfg, layer: int):
         super().__init__(cfg, layer)
         self.segment_len = cfg.segment_len
+        pair_bias(cfg.segment_len)  # built outside any dispatch mode (see pair_bias)
         if cfg.separate_first_segment_proj:
-            self.out_proj_first = nn.Linear(cfg.d_model, cfg.d_model)
+            self.out_proj_first = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T, L = x.shape[1], self.segment_len
@@ -66,11 +67,12 @@ class LLPAttention(AttentionBase):
 
 
 class LLPCache:
-    """Generation cache of an LLP model: per layer a ``(B, H, 2L, d)`` buffer holding the
+    """Generation cache of an LLP model: per layer a ``(B, Hkv, 2L, d)`` buffer holding the
     previous complete segment (rows ``[0, L)``) and the current one (rows ``[L, L + len)``).
 
-    Memory is ``2 * n_layers * 2L * D`` values whatever the text length; each decode step
-    attends to at most ``2L`` keys, so time per token is flat, beyond ``seq_len`` too.
+    Memory is ``2 * n_layers * 2L * Hkv * d`` values per row whatever the text length
+    (``Hkv = n_kv_heads``); each decode step attends to at most ``2L`` keys, so time per token
+    is flat, beyond ``seq_len`` too.
     """
 
     def __init__(self, n_layers: int, batch: int, n_heads: int, head_dim: int, segment_len: int,
@@ -98,7 +100,8 @@ class LLPCache:
         self.has_prev[layer] = cur >= 1
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, position: int):
-        """Add the token at ``position``; return the keys/values it attends to ``(B, H, <=2L, d)``."""
+        """Add the token at ``position``; return the keys/values it attends to
+        ``(B, Hkv, <=2L, d)``."""
         L = self.L
         if position % L == 0 and position > 0:
             # the current segment is complete: it becomes the previous one

@@ -9,12 +9,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import LATENT_VARIANTS, ModelConfig
 from .gpt import CausalSelfAttention
-from .layers import MLP, ForwardContext
+from .layers import MLP, ForwardContext, make_norm
 from .llp import LLPAttention
 from .perceiver import (
     CompressedHistoryAttention,
@@ -56,10 +57,10 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.attn_norm = nn.LayerNorm(cfg.d_model)
+        self.attn_norm = make_norm(cfg, cfg.d_model)
         self.attn = ATTENTION_CLASSES[cfg.variant](cfg, layer)
-        self.mlp_norm = nn.LayerNorm(cfg.d_model)
-        self.mlp = MLP(cfg.d_model, cfg.mlp_ratio, cfg.dropout)
+        self.mlp_norm = make_norm(cfg, cfg.d_model)
+        self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = self.attn.residual(x, ctx) + self.attn(self.attn_norm(x), ctx)
@@ -76,6 +77,8 @@ class LMModel(nn.Module):
     ``forward(input_ids (B, N) int64, seq_parallel=None, return_all=False) -> (B, T, V)``
     logits for the trained positions (``trained_positions(N)``): ``T = N`` for ``gpt`` and
     ``llp``, the last ``latent_len`` positions for the PerceiverAR family.
+    ``forward(input_ids, targets=(B, T) int64)`` returns the summed cross-entropy instead,
+    computed in chunks of ``cfg.loss_chunk_len`` rows (``head_loss``).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -83,8 +86,8 @@ class LMModel(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.final_norm = nn.LayerNorm(cfg.d_model)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size)
+        self.final_norm = make_norm(cfg, cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.bias)
         self._init_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -138,14 +141,19 @@ class LMModel(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, seq_parallel=None, return_all: bool = False,
-                _cache=None) -> torch.Tensor:
-        """Logits ``(B, T, V)`` for the trained positions of ``input_ids`` ``(B, N)``.
+                _cache=None, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits ``(B, T, V)`` for the trained positions of ``input_ids`` ``(B, N)``, or with
+        ``targets`` the summed fp32 cross-entropy (nats, scalar) of those logits against
+        ``targets`` ``(B, T)`` int64, without ever holding all ``(B, T, V)`` logits
+        (``head_loss``). The loss is computed inside this forward so that wrappers which
+        gather parameters around a module's forward (DeepSpeed ZeRO-3) see the head used.
 
         ``seq_parallel`` (LLP only): object with ``position_offset`` (int, global position of
         the chunk's first token) and ``exchange_halo(k_last, v_last)``; see ``llp.py``.
         ``return_all``: for the PerceiverAR family return every final row (``N`` rows, ``c + m``
         for compressed history, ``m`` for perceiver_ar) instead of the latents only.
-        Raises ``ValueError`` on inputs the variant cannot take.
+        Raises ``ValueError`` on inputs the variant cannot take and on ``targets`` whose shape
+        is not that of the logits' first two axes.
         """
         self._check_input(input_ids, seq_parallel)
         B, N = input_ids.shape
@@ -170,7 +178,45 @@ class LMModel(nn.Module):
             x = x[:, :N]
         elif cfg.variant in LATENT_VARIANTS and not return_all:
             x = x[:, x.shape[1] - min(cfg.latent_len, N):]
-        return self.lm_head(self.final_norm(x))
+        if targets is None:
+            return self.lm_head(self.final_norm(x))
+        if tuple(targets.shape) != tuple(x.shape[:2]):
+            raise ValueError(
+                f"targets {tuple(targets.shape)} do not match the trained positions "
+                f"{tuple(x.shape[:2])} of the logits")
+        return self.head_loss(self.final_norm(x), targets)
+
+    # ---- loss ---------------------------------------------------------------------------
+    def _chunk_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed fp32 cross-entropy of ``lm_head(h)`` (``h`` ``(R, D)``) against ``(R,)``."""
+        return F.cross_entropy(self.lm_head(h).float(), targets, reduction="sum")
+
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed fp32 cross-entropy (nats) of ``lm_head(h)`` for normed final rows ``h``
+        ``(B, T, D)`` against ``targets`` ``(B, T)``, ``cfg.loss_chunk_len`` rows at a time.
+
+        With more rows than one chunk and autograd recording, each chunk's projection,
+        log-softmax and loss run under non-reentrant ``torch.utils.checkpoint``: the forward
+        keeps only the scalar, backward recomputes the chunk's ``(chunk, V)`` logits (one
+        extra head projection per token), so at most one chunk's logits exist at a time.
+        The head is called as a module (``self.lm_head``) in the forward and in the
+        recomputation, so ZeRO-3's module hooks gather its weight both times. Equal to the
+        unchunked loss up to float summation order (tested, values and gradients).
+        """
+        D = h.shape[-1]
+        rows, tg = h.reshape(-1, D), targets.reshape(-1)
+        C = self.cfg.loss_chunk_len
+        if C == 0 or rows.shape[0] <= C:
+            return self._chunk_loss(rows, tg)
+        recompute = torch.is_grad_enabled()
+        total = None
+        for hc, tc in zip(rows.split(C), tg.split(C)):
+            if recompute:
+                part = checkpoint(self._chunk_loss, hc, tc, use_reentrant=False)
+            else:
+                part = self._chunk_loss(hc, tc)
+            total = part if total is None else total + part
+        return total
 
     # ---- accounting ---------------------------------------------------------------------
     def num_params(self, exclude_embeddings: bool = False) -> int:

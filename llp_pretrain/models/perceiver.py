@@ -103,10 +103,12 @@ class SegmentedHistoryAttention(HistorySelfAttention):
         c = h // kseg
 
         def seg(t):
-            return t.reshape(B, H * kseg, c, d)
+            # (B, heads, h, d) -> (B * kseg, heads, c, d): segments join the batch, heads stay
+            # a separate axis so grouped-query heads map as in every other attention
+            return t.unflatten(2, (kseg, c)).transpose(1, 2).reshape(B * kseg, t.shape[1], c, d)
 
         o = self.attend(seg(q), seg(k), seg(v))
-        return o.reshape(B, H, h, d)
+        return o.view(B, kseg, H, c, d).transpose(1, 2).reshape(B, H, h, d)
 
 
 class CompressedHistoryAttention(HistorySelfAttention):
@@ -125,7 +127,7 @@ class CompressedHistoryAttention(HistorySelfAttention):
         super().__init__(cfg, layer)
         if layer == 0:
             h = cfg.seq_len - cfg.latent_len
-            self.hist_proj = nn.Linear(h, cfg.compression_len)
+            self.hist_proj = nn.Linear(h, cfg.compression_len, bias=cfg.bias)
 
     def _layout(self, ctx: ForwardContext):
         h, m = _split(ctx, self.cfg)

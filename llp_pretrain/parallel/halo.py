@@ -11,8 +11,9 @@ last segment of rank ``r - 1``: the halo.
 * backward: the gradient w.r.t. the received halo goes back to ``r - 1``, which adds it to the
   gradient of its own last-segment ``k, v`` (``_HaloExchangeFn.backward``).
 
-Elements moved per layer per rank and direction: ``2 * B * L * D`` (``B * L * D`` with shared
-K/V), ``D = H * d``.
+Elements moved per layer per rank and direction: ``2 * B * L * Hkv * d`` (half that with shared
+K/V), ``Hkv`` the key/value heads (``n_kv_heads``; ``Hkv * d = D`` without grouped-query
+attention, ``D * Hkv / H`` with it).
 
 Making backward run on every rank. The model keeps using its own ``k_last`` and only consumes
 the *returned* halo, so on the group's first rank (which receives nothing) no output of the

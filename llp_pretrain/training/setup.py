@@ -18,23 +18,42 @@ import torch
 
 from llp_pretrain import checkpoint as ckpt
 from llp_pretrain.config import RunConfig, dump_yaml
-from llp_pretrain.run_identity import clear_run
+from llp_pretrain.run_identity import clear_run, hold_run_lock
 
 from .checkpointer import StartPoint
 from .loss import SequenceParallelContext, build_parallel_context
 from .optim import make_optimizer, make_scheduler
 
-__all__ = ["prepare_run_dir", "Built", "build_engine"]
+__all__ = ["hold_run_dir", "prepare_run_dir", "Built", "build_engine"]
+
+
+def hold_run_dir(run_dir: Path, d) -> None:
+    """Rank 0 takes the run directory's lock (:func:`~llp_pretrain.run_identity.hold_run_lock`); every
+    rank learns the outcome (one all-reduce), so a refusal ends all ranks, none waits at a barrier.
+    Raises ``ValueError``."""
+    from .distributed import all_reduce
+
+    err = ""
+    if d.rank == 0:
+        try:
+            hold_run_lock(run_dir)
+        except ValueError as e:
+            err = str(e)
+    refused, = all_reduce([1.0 if err else 0.0], op="max", device=d.reduce_device)
+    if refused:
+        raise ValueError(err or f"{run_dir} is in use by another training process (see rank 0's message)")
 
 
 def prepare_run_dir(cfg: RunConfig, d, overwrite: bool, resolved: Dict[str, Any], hashes: Dict[str, Optional[str]],
                     tokenizer_path: Optional[str]) -> None:
-    """Rank 0: clear the run (``--overwrite``), create ``checkpoints/``, write ``config.resolved.yaml``,
+    """Rank 0 takes the run directory's lock (:func:`hold_run_dir`), then: clear the run
+    (``--overwrite``), create ``checkpoints/``, write ``config.resolved.yaml``,
     ``ds_config.json``, ``hashes.json`` and a copy of the tokenizer (temp name, then rename). All ranks
     wait for the directory (a barrier)."""
     import torch.distributed as dist
 
     run_dir = Path(cfg.run.output_dir)
+    hold_run_dir(run_dir, d)
     if d.rank == 0:
         if overwrite:
             clear_run(run_dir)
