@@ -156,10 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args) -> int:
     from llp_pretrain.config import load_config
-    from llp_pretrain.engine import train
+    from llp_pretrain.training import train
+    from llp_pretrain.training.distributed import destroy_process_group
 
     cfg = load_config(args.config, args.overrides)
-    res = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    try:
+        res = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    finally:  # the last step of every exit path: the trainer has already shut down its parts
+        destroy_process_group()
     return 0 if res.stopped_by in ("max_steps", "signal", "time_limit") else 1
 
 

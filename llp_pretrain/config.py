@@ -105,6 +105,7 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(3, ge=1)
     max_nonfinite_steps: int = Field(5, ge=1, description="abort after this many non-finite steps in a row")
     peak_flops: Optional[float] = Field(None, gt=0, description="per-device peak FLOP/s for MFU; default measured")
+    compile: bool = Field(False, description="run the model under torch.compile (DeepSpeed's engine.compile)")
     sample_prompt: str = "In the beginning"
     sample_tokens: int = Field(48, ge=0, description="tokens generated for the TensorBoard text sample at each eval")
     time_limit_minutes: Optional[float] = Field(None, gt=0, description="save and stop after this wall time")

@@ -483,20 +483,46 @@ def format_layout(layout: WorldLayout, launcher: str = "", node_rank: Optional[i
     return "\n".join(lines)
 
 
-def validate_run_config(config: "str | os.PathLike", overrides: Sequence[str], world_size: int) -> None:
+def validate_run_config(config: "str | os.PathLike", overrides: Sequence[str], world_size: int):
     """Validate the whole run config for ``world_size`` processes with the training CLI's own loader
     (:func:`llp_pretrain.config.load_config`: every section, the shards' manifest, the DeepSpeed
     JSON), so a bad config fails on the launching host before any process starts.
 
-    Raises :class:`LaunchError` carrying every problem the loader found."""
+    Returns the validated ``RunConfig``. Raises :class:`LaunchError` carrying every problem the
+    loader found."""
     from llp_pretrain.config import ConfigError, load_config
 
     try:
-        load_config(str(config), list(overrides), world_size=world_size)
+        return load_config(str(config), list(overrides), world_size=world_size)
     except ConfigError as exc:
         raise LaunchError(f"{exc}\n(checked for world_size={world_size} before starting training)") from None
     except FileNotFoundError as exc:
         raise LaunchError(f"config {config}: {exc}") from None
+
+
+def check_resume_world_size(cfg, train_args: Sequence[str], world_size: int) -> None:
+    """Pre-flight for a resume: when ``train_args`` resume (``--resume auto|PATH``, no ``--overwrite``)
+    a checkpoint written with another data-parallel x sequence-parallel layout than ``world_size``
+    processes give, raise :class:`LaunchError` with the trainer's own message (what to do), before
+    any process starts. A checkpoint this host cannot resolve is left to the trainer to report."""
+    from llp_pretrain import checkpoint as ckpt
+    from llp_pretrain.training.checkpointer import check_resume_world
+
+    args = list(train_args)
+    if "--overwrite" in args or "--resume" not in args or args.index("--resume") + 1 >= len(args):
+        return
+    resume = args[args.index("--resume") + 1]
+    try:
+        where = ckpt.resolve_resume(resume, Path(cfg.run.output_dir) / "checkpoints")
+        meta = ckpt.read_meta(where[0] / where[1]) if where else None
+    except (OSError, ValueError):
+        return
+    if meta is None:
+        return
+    try:
+        check_resume_world(meta, world_size, cfg.parallel.sequence_parallel_size, str(where[0] / where[1]))
+    except ValueError as exc:
+        raise LaunchError(f"{exc}\n(checked for world_size={world_size} before starting training)") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -579,7 +605,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             )
             print(format_layout(layout, args.launcher, args.node_rank), flush=True)
             if not args.no_config_check:
-                validate_run_config(args.config, extract_set_args(train_args), layout.world_size)
+                cfg = validate_run_config(args.config, extract_set_args(train_args), layout.world_size)
+                check_resume_world_size(cfg, train_args, layout.world_size)
     except LaunchError as exc:
         print(f"[llp-launch] error: {exc}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["Monitor", "memory_gb", "measure_peak_flops", "format_eta"]
+__all__ = ["Monitor", "memory_gb", "measure_peak_flops", "known_peak_flops", "PEAK_FLOPS", "format_eta"]
 
 
 def memory_gb() -> float:
@@ -54,6 +54,36 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
         dt = max(time.perf_counter() - t, 1e-9)
         best = max(best, 4 * 2 * n ** 3 / dt)
     return best
+
+
+#: Vendor dense (no sparsity) tensor-core peak FLOP/s per device, ``(bf16, fp32)`` where fp32 is the
+#: TF32 tensor-core rate (what PyTorch uses for fp32 matmuls with TF32 allowed). Matched against
+#: ``torch.cuda.get_device_name()``: the first key that is a substring wins, so the more specific
+#: names come first. Sources: NVIDIA A100/H100/H200/L4/L40S/A10/B200 and AMD MI300X data sheets.
+PEAK_FLOPS = (
+    ("H100 PCIe", (756e12, 378e12)),
+    ("H100 NVL", (835e12, 417.5e12)),
+    ("H100", (989e12, 494.5e12)),  # SXM
+    ("H200", (989e12, 494.5e12)),
+    ("GH200", (989e12, 494.5e12)),
+    ("B200", (2250e12, 1100e12)),
+    ("A100", (312e12, 156e12)),
+    ("A800", (312e12, 156e12)),
+    ("L40S", (362e12, 183e12)),
+    ("L4", (121e12, 60e12)),
+    ("A10G", (70e12, 35e12)),
+    ("A10", (125e12, 62.5e12)),
+    ("MI300X", (1307e12, 653.7e12)),
+)
+
+
+def known_peak_flops(device_name: str, dtype: torch.dtype) -> Optional[float]:
+    """Peak dense FLOP/s of the accelerator called ``device_name`` for ``dtype`` (bf16/fp16 -> the
+    bf16 column, else the TF32 column) from :data:`PEAK_FLOPS`, or None for an unknown device."""
+    for key, (bf16, fp32) in PEAK_FLOPS:
+        if key in device_name:
+            return bf16 if dtype in (torch.bfloat16, torch.float16) else fp32
+    return None
 
 
 def format_eta(seconds: float) -> str:
@@ -100,10 +130,13 @@ class Monitor:
         from torch.utils.tensorboard.summary import hparams as hp_summary
 
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-        exp, ssi, sei = hp_summary(clean, metrics)
-        fw = self.writer._get_file_writer()
-        for s in (exp, ssi, sei):
-            fw.add_summary(s)
+        for summary in hp_summary(clean, metrics):
+            self.writer.file_writer.add_summary(summary)
+
+    # ``SummaryWriter.add_hparams`` would write the summaries to a second writer in a sub-directory
+    # and log ``metrics`` as scalars at step 0 (duplicate, NaN ``val/*`` points); so the summaries
+    # go to this writer's own event file through its public ``file_writer`` attribute (opened in
+    # ``SummaryWriter.__init__``), the one place the writer's structure is relied on.
 
     def console(self, line: str) -> None:
         if self.active:

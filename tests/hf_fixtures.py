@@ -28,7 +28,7 @@ def clean_env():
 
 
 def run_config(data, out, variant, **model):
-    from llp_pretrain.testing import tiny_run_config
+    from tiny_runs import tiny_run_config
 
     m = {"variant": variant, "d_model": 32, "n_heads": 2, "n_layers": 2, "seq_len": SEQ_LEN, **model}
     return tiny_run_config(str(data["shards"]), str(out), model=m,
@@ -57,7 +57,7 @@ def kjv_runs(tmp_path_factory):
             {"config": run_config(data, runs["perceiver_ar"], "perceiver_ar", latent_len=16)}]
     spec = w / "spec.json"
     spec.write_text(json.dumps(jobs))
-    p = subprocess.run([sys.executable, "-m", "llp_pretrain.testing", "train-many", str(spec)], cwd=REPO,
+    p = subprocess.run([sys.executable, str(REPO / "tests" / "train_many.py"), "train-many", str(spec)], cwd=REPO,
                        env=clean_env(), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     (w / "done").write_text("ok\n")

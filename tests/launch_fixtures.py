@@ -1,6 +1,6 @@
 """Fixtures for the launcher tests: a tiny dataset and run config that train in seconds on CPU.
 
-The dataset is written by ``llp_pretrain.testing.write_tiny_dataset`` (real WebDataset shards and
+The dataset is written by ``tiny_runs.write_tiny_dataset`` (tests/tiny_runs.py) (real WebDataset shards and
 manifest, synthetic tokens); the config is a 2-layer LLP with ``d_model`` 32 that trains with
 ZeRO-0 on gloo. Helpers read back what a run left: checkpoint tags, TensorBoard scalars, weights.
 """
@@ -20,7 +20,9 @@ VENV = Path(sys.prefix) if sys.prefix != sys.base_prefix else None
 
 def launch_env(**extra: str) -> Dict[str, str]:
     """Environment for launcher subprocesses: the test interpreter's venv (or the interpreter itself
-    outside a venv), no inherited distributed/SLURM/LLP variables, one OpenMP thread."""
+    outside a venv), no inherited distributed/SLURM/LLP variables, one OpenMP thread. With
+    ``LLP_PRETRAIN_PAUSE_AFTER_STEP`` the launchers run ``tests/train_many.py train`` (which installs the
+    pause callback) instead of ``llp-pretrain train``."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
            and not k.startswith("SLURM_") and not k.startswith("LLP_")}
@@ -31,6 +33,9 @@ def launch_env(**extra: str) -> Dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
+    if "LLP_PRETRAIN_PAUSE_AFTER_STEP" in extra and "LLP_TRAIN_CMD" not in extra:
+        # the test-only pause callback is installed by the test harness's entry point, not the CLI
+        env["LLP_TRAIN_CMD"] = f"python {REPO / 'tests' / 'train_many.py'} train"
     return env
 
 
@@ -41,7 +46,7 @@ def write_tiny_run(root: Path, *, max_steps: int = 6, save_interval: int = 0, nu
     Global batch 4 (micro-batch 2 on 2 data-parallel ranks, or 2 x 2 accumulation on one), seq_len
     32, LLP with 4 segments of 8 tokens, fp32, lr warmup 0 so every step moves the weights.
     """
-    from llp_pretrain.testing import write_tiny_dataset
+    from tiny_runs import write_tiny_dataset
 
     data = root / "data"
     if not (data / "manifest.json").is_file():

@@ -35,7 +35,7 @@ from pathlib import Path  # noqa: E402
 
 import yaml  # noqa: E402
 
-from llp_pretrain.testing import tiny_run_config, write_tiny_dataset  # noqa: E402
+from tiny_runs import tiny_run_config, write_tiny_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ZERO0 = str(REPO / "configs" / "deepspeed" / "zero0.json")

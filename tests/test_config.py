@@ -7,7 +7,7 @@ import yaml
 
 from llp_pretrain.cli import main as cli_main
 from llp_pretrain.config import ConfigError, load_config, parse_overrides
-from llp_pretrain.testing import tiny_run_config, write_tiny_dataset
+from tiny_runs import tiny_run_config, write_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

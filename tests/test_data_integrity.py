@@ -30,7 +30,7 @@ import yaml
 
 from llp_pretrain.data import (CorruptDataError, SampleSpec, TrainStream, check_sample, list_shards,
                                make_train_loader, read_shard, read_split_stream)
-from llp_pretrain.testing import tiny_run_config, write_tiny_dataset
+from tiny_runs import tiny_run_config, write_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 50

@@ -6,7 +6,7 @@ import pytest
 
 from llp_pretrain.data import (DataLayoutError, TrainStream, list_shards, make_train_loader, read_split_stream,
                                split_shards)
-from llp_pretrain.testing import synthetic_stream, write_tiny_dataset
+from tiny_runs import synthetic_stream, write_tiny_dataset
 
 SEQ = 8
 

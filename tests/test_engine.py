@@ -22,7 +22,8 @@ import pytest
 import torch
 import yaml
 
-from llp_pretrain.testing import tiny_run_config, write_tiny_dataset
+from tiny_runs import tiny_run_config, write_tiny_dataset
+from llp_pretrain.training.distributed import free_port as _free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -43,13 +44,6 @@ def _env():
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd, timeout, **kw):
@@ -110,7 +104,7 @@ def single(work):
     ]
     spec = work / "single.json"
     spec.write_text(json.dumps(jobs))
-    _run([PY, "-m", "llp_pretrain.testing", "train-many", str(spec)], timeout=400)
+    _run([PY, str(REPO / "tests" / "train_many.py"), "train-many", str(spec)], timeout=400)
     return work
 
 
@@ -142,7 +136,7 @@ def two_ranks(work, single):
     spec = work / "two.json"
     spec.write_text(json.dumps(jobs))
     _run([TORCHRUN, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-          "-m", "llp_pretrain.testing", "train-many", str(spec)], timeout=600)
+          str(REPO / "tests" / "train_many.py"), "train-many", str(spec)], timeout=600)
     return work
 
 
@@ -267,7 +261,8 @@ def kill_resume(work):
     cfg = tiny_run_config(work / "ds", run, **_resume_sections())
     path = work / "resume.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    cmd = [CLI, "train", "--config", str(path), "--resume", "auto"]
+    # the CLI through the test harness, which installs the pause callback (tests/train_many.py)
+    cmd = [PY, str(REPO / "tests" / "train_many.py"), "train", "--config", str(path), "--resume", "auto"]
     # 1) pause after step 6 (checkpoint at 4 exists, events up to 6 written) and SIGKILL
     env = {**_env(), "LLP_PRETRAIN_PAUSE_AFTER_STEP": "6"}
     p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -408,11 +403,11 @@ def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step(work):
                                      data={"num_workers": 1})]))
     env = {**_env(), "LLP_PRETRAIN_PAUSE_AFTER_STEP": "3"}
     p = subprocess.Popen([TORCHRUN, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-                          str(_free_port()), "-m", "llp_pretrain.testing", "train-many", str(spec)], cwd=REPO, env=env,
+                          str(_free_port()), str(REPO / "tests" / "train_many.py"), "train-many", str(spec)], cwd=REPO, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for_line(p, "step       3/50", 240)
-        workers = [c for c in _children(p.pid) if "llp_pretrain.testing" in Path(f"/proc/{c}/cmdline").read_text()]
+        workers = [c for c in _children(p.pid) if "train_many.py" in Path(f"/proc/{c}/cmdline").read_text()]
         assert len(workers) == 2, workers
         os.kill(workers[1], signal.SIGTERM)
         out, _ = p.communicate(timeout=200)

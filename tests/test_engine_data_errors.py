@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from llp_pretrain.testing import tiny_run_config, write_tiny_dataset
+from tiny_runs import tiny_run_config, write_tiny_dataset
 
 
 @pytest.mark.timeout(400)

@@ -15,7 +15,7 @@ pytest.importorskip("transformers", reason="the HF export tests need the test ex
 from hf_fixtures import REPO, clean_env  # noqa: E402
 
 from llp_pretrain.export import load_checkpoint_weights, load_model  # noqa: E402
-from llp_pretrain.testing import tiny_run_config, write_tiny_dataset  # noqa: E402
+from tiny_runs import tiny_run_config, write_tiny_dataset  # noqa: E402
 
 pytestmark = [pytest.mark.distributed]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -40,7 +40,7 @@ def runs(tmp_path_factory):
     spec = w / "spec.json"
     spec.write_text(json.dumps(jobs))
     p = subprocess.run([TORCHRUN, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-                        str(_free_port()), "-m", "llp_pretrain.testing", "train-many", str(spec)], cwd=REPO,
+                        str(_free_port()), str(REPO / "tests" / "train_many.py"), "train-many", str(spec)], cwd=REPO,
                        env=clean_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     return w

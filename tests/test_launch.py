@@ -8,7 +8,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,15 +19,12 @@ import torch
 from launch_fixtures import REPO, checkpoint_steps, event_files, final_weights, launch_env, tensorboard_steps, \
     write_tiny_run
 
+from llp_pretrain.training.distributed import free_port as _free_port
+
 TRAIN_SH = str(REPO / "launch" / "train.sh")
 MULTINODE_SH = str(REPO / "launch" / "multinode.sh")
 PROBE_CMD = f"{sys.executable} {REPO / 'tests' / 'launch_probe.py'} train"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(cmd, env, log: Path):

@@ -127,7 +127,7 @@ STAGES = (0, 1, 2, 3)
 @pytest.mark.distributed
 @pytest.mark.timeout(420)
 def test_dp2_sp2_matches_single_process(tmp_path):
-    from llp_pretrain.testing import write_tiny_dataset
+    from tiny_runs import write_tiny_dataset
 
     data_dir = tmp_path / "data"
     write_tiny_dataset(data_dir, seq_len=MODEL["seq_len"], train_samples=[8, 8, 8, 8],

@@ -204,7 +204,7 @@ def _sp_step(rank, world, groups, case, weights, x, c, ref_out, ref_xgrad, ref_g
     counter = CommCounter()
     sp = groups.context(position_offset=rank * n, counter=counter)
     out = _stack(xl, weights, L, H, case["shared_kv"], sp=sp, checkpoint=case["ckpt"])
-    loss = (out * c[:, sl]).sum() + sp.halo_loss_term()
+    loss = sp.add_halo_terms((out * c[:, sl]).sum())
     loss.backward()
     grads = {}
     for i, w in enumerate(weights):

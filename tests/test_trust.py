@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from llp_pretrain import checkpoint as ckpt
-from llp_pretrain.testing import tiny_run_config, write_tiny_dataset
+from tiny_runs import tiny_run_config, write_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).with_name("llp-pretrain"))
@@ -78,7 +78,7 @@ def runs(tmp_path_factory):
                                    model={"dropout": 0.1}, deepspeed=f"configs/deepspeed/zero{st}.json")
         jobs.append({"config": cfgs[st], "result": None})
     (w / "spec.json").write_text(json.dumps(jobs))
-    p = subprocess.run([sys.executable, "-m", "llp_pretrain.testing", "train-many", str(w / "spec.json")], cwd=REPO,
+    p = subprocess.run([sys.executable, str(REPO / "tests" / "train_many.py"), "train-many", str(w / "spec.json")], cwd=REPO,
                        env=_env(), capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stderr[-3000:]
     return w, cfgs

@@ -23,12 +23,12 @@ import torch.distributed as dist
 from .chunking import check_divisible, local_chunk
 from .groups import SequenceParallelGroups, initialize_sequence_parallel
 from .halo import CommCounter, SequenceParallelContext
-from .loss import check_sequence_parallel_variant
+from .loss import check_sequence_parallel_variant, reduce_over_group
 
 
 class EngineSequenceParallel:
     """Sequence-parallel plug for the engine: ``mpu``, ``seq_parallel``, ``local_chunk``,
-    ``reduce_loss`` (contract in ``engine.SequenceParallelContext``).
+    ``reduce_loss`` (contract in ``training.loss.SequenceParallelContext``).
 
     Attributes:
         mpu: the :class:`SequenceParallelGroups` (DeepSpeed ``mpu``).
@@ -80,13 +80,8 @@ class EngineSequenceParallel:
         rank's share, plus the zero-valued halo anchors that keep every exchange's backward
         running (``grad_scale`` is ``P`` under ZeRO-3, see :func:`zero_grad_scale`).
         """
-        ctx = self._current()
-        local = loss_sum + ctx.halo_loss_term().to(loss_sum.device)
-        totals = torch.stack([local.detach().float(),
-                              torch.tensor(float(n_tokens), device=local.device)])
-        dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=self.mpu.get_sequence_parallel_group())
-        scaled = local * self.grad_scale if self.grad_scale != 1.0 else local
-        return scaled + (totals[0] - scaled.detach()), int(round(totals[1].item()))
+        return reduce_over_group(loss_sum, n_tokens, self._current(), self.mpu.get_sequence_parallel_group(),
+                                 self.grad_scale)
 
     def prepare_model(self, model, ds_config: dict):
         """Called by the engine right before ``deepspeed.initialize`` (after the optimizer

@@ -26,11 +26,14 @@ Activation checkpointing. Non-reentrant checkpointing (``torch.utils.checkpoint`
 ``use_reentrant=False``) re-runs a block's forward inside backward to rebuild saved tensors. A
 re-run exchange must not communicate: the first rank may already be blocked receiving a
 gradient while its successor waits for a forward halo, a deadlock. So an exchange called while
-autograd is executing a backward (``torch._C._current_graph_task_id() != -1``, the test
-``torch.utils.checkpoint`` itself uses) is a *replay*: it returns the halo cached by the
+the backward of this context's loss has begun is a *replay*: it returns the halo cached by the
 original forward call whose sent keys/values equal the re-computed ones (checked, most recent
-first), without any communication. Reentrant checkpointing (forward under ``no_grad``, backward
-of the re-computed graph) is not supported and raises.
+first), without any communication. The context learns that the backward has begun from a small
+autograd function on the loss itself (:meth:`SequenceParallelContext.add_halo_terms`): every
+node of the model lies upstream of the loss, so its backward runs before any block is
+re-computed (public autograd only; no engine internals). The loss must therefore go through
+``add_halo_terms``. Reentrant checkpointing (forward under ``no_grad``, backward of the
+re-computed graph) is not supported and raises.
 
 Order of operations. Backward communication only waits on higher ranks (a rank receives
 gradients from ``r + 1``), forward only on lower ranks, and every rank runs the exchanges of its
@@ -175,6 +178,20 @@ class _HaloExchangeFn(torch.autograd.Function):
         return None, None, None, g_k, g_v
 
 
+class _BackwardStarted(torch.autograd.Function):
+    """Identity on the loss whose backward flags its context: ``backward_started = True``."""
+
+    @staticmethod
+    def forward(ctx, loss, sp):
+        ctx.sp = sp
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.sp.backward_started = True
+        return grad, None
+
+
 class SequenceParallelContext:
     """The object an LLP model calls under sequence parallelism (one per forward pass).
 
@@ -201,6 +218,7 @@ class SequenceParallelContext:
             self.group_ranks[self.sp_rank + 1] if self.sp_rank + 1 < self.sp_size else None
         )
         self.calls = 0
+        self.backward_started = False  # set by the backward of add_halo_terms' marker
         self._cache: List[_CacheEntry] = []
         self._anchors: List[torch.Tensor] = []
 
@@ -228,7 +246,7 @@ class SequenceParallelContext:
             RuntimeError: re-computation inside backward whose keys/values match no cached
                 forward call (non-deterministic recomputation, or reentrant checkpointing).
         """
-        if torch._C._current_graph_task_id() != -1:
+        if self.backward_started:  # a checkpoint re-computation: the one replay guard
             entry = self._find_replay(k_last, v_last)
             k_prev, v_prev, _ = _HaloExchangeFn.apply(self, -1, entry, k_last, v_last)
         else:
@@ -249,6 +267,14 @@ class SequenceParallelContext:
         if self.is_first:
             return None
         return k_prev, (v_prev if v_last is not None else None)
+
+    def add_halo_terms(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss + halo_loss_term()`` (same value), with ``loss`` passed through a marker whose
+        backward records that this forward's backward pass has begun (so exchanges called from then
+        on are activation-checkpoint replays). Call it once per forward, on this rank's loss, and
+        back-propagate through the result."""
+        marked = _BackwardStarted.apply(loss, self)
+        return marked + self.halo_loss_term().to(loss.device)
 
     def halo_loss_term(self) -> torch.Tensor:
         """Zero scalar (fp32) to add to this rank's loss so every exchange's backward runs.

@@ -88,16 +88,27 @@ def sequence_parallel_lm_loss(
     # this rank's inputs plus the one token after them: lm_loss scores position i against i + 1
     window = tokens[:, chunk.position_offset:chunk.position_offset + n + 1].long()
     local_sum, local_n = lm_loss(model, window.to(_param_device(model)), seq_parallel=ctx)
-    local_sum = local_sum + ctx.halo_loss_term().to(local_sum.device)
-    totals = torch.stack(
-        [local_sum.detach().float(), torch.tensor(float(local_n), device=local_sum.device)]
-    )
-    dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=groups.get_sequence_parallel_group())
+    return reduce_over_group(local_sum, local_n, ctx, groups.get_sequence_parallel_group(), grad_scale)
+
+
+def reduce_over_group(local_sum: torch.Tensor, local_n: int, ctx, group, grad_scale: float = 1.0
+                      ) -> Tuple[torch.Tensor, int]:
+    """The sequence-parallel loss reduction (the one copy; the engine's plug uses it too).
+
+    Args:
+        local_sum: this rank's summed loss (nats) over its ``local_n`` positions, with autograd.
+        ctx: the forward's :class:`~llp_pretrain.parallel.halo.SequenceParallelContext`; its halo
+            anchors are added (value 0) and the loss marks the start of backward for it.
+        group: the sequence-parallel process group; grad_scale: factor on the gradient only.
+
+    Returns ``(loss_sum, n_tokens)``: value and count summed over ``group``; the gradient is
+    ``grad_scale`` times this rank's own share."""
+    local = ctx.add_halo_terms(local_sum)
+    totals = torch.stack([local.detach().float(), torch.tensor(float(local_n), device=local.device)])
+    dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=group)
     # value: the group's total; gradient: this rank's own tokens only
-    if grad_scale != 1.0:
-        local_sum = local_sum * grad_scale
-    loss_sum = local_sum + (totals[0] - local_sum.detach())
-    return loss_sum, int(round(totals[1].item()))
+    scaled = local * grad_scale if grad_scale != 1.0 else local
+    return scaled + (totals[0] - scaled.detach()), int(round(totals[1].item()))
 
 
 def _param_device(model) -> torch.device:

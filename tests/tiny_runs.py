@@ -1,4 +1,5 @@
-"""Tiny on-disk datasets for tests and smoke runs, written to the shard contract of ``docs/internals.md``.
+"""Test helpers (not installed): tiny on-disk datasets written to the shard contract of ``docs/internals.md``
+and tiny run configs.
 
 These are real WebDataset tars (``webdataset.ShardWriter``) and a real ``manifest.json``; the token
 stream is synthetic (a noisy repeating pattern a tiny model can learn), so tests do not need the
@@ -10,14 +11,13 @@ import hashlib
 import io
 import json
 import os
-import time
 from pathlib import Path
 from typing import Dict, List, Sequence
 
 import numpy as np
 import webdataset as wds
 
-__all__ = ["synthetic_stream", "write_tiny_dataset"]
+__all__ = ["synthetic_stream", "write_tiny_dataset", "tiny_run_config"]
 
 
 def synthetic_stream(n_tokens: int, vocab_size: int, seed: int = 0) -> np.ndarray:
@@ -110,38 +110,3 @@ def tiny_run_config(data_dir: str, output_dir: str, **sections) -> Dict:
         else:
             cfg[name] = upd
     return cfg
-
-
-def _train_many(spec_path: str) -> int:
-    """Run the trainings listed in a JSON spec one after another in this process (under torchrun or
-    alone): ``[{"config": raw_config_dict, "resume": null|"auto"|path, "result": path_prefix}, ...]``.
-    Each rank writes ``<result>.rank<R>.json`` with the :class:`TrainResult` fields."""
-    import dataclasses
-
-    from llp_pretrain.config import load_config
-    from llp_pretrain.engine import train
-
-    jobs = json.loads(Path(spec_path).read_text())
-    for job in jobs:
-        t0 = time.time()
-        cfg = load_config(raw=job["config"], overrides=job.get("overrides", []))
-        try:
-            out = dataclasses.asdict(train(cfg, resume=job.get("resume"), overwrite=job.get("overwrite", False)))
-        except Exception as e:  # recorded for jobs that are expected to fail
-            if not job.get("expect_error"):
-                raise
-            out = {"error": str(e), "type": type(e).__name__}
-        print(f"[train-many] {cfg.run.output_dir}: {time.time() - t0:.1f}s", flush=True)
-        rank = int(os.environ.get("RANK", "0"))
-        if job.get("result"):
-            Path(f"{job['result']}.rank{rank}.json").write_text(json.dumps(out))
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) == 3 and sys.argv[1] == "train-many":
-        sys.exit(_train_many(sys.argv[2]))
-    print("usage: python -m llp_pretrain.testing train-many SPEC.json", file=sys.stderr)
-    sys.exit(2)

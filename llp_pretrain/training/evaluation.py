@@ -1,0 +1,110 @@
+"""Evaluation and text samples during training.
+
+:class:`Evaluator` scores this data-parallel rank's share of the validation windows (the same
+number of micro-batches on every rank, for ZeRO-3's collective forward) and sums over all ranks;
+:func:`sample_text` generates a short continuation of ``train.sample_prompt``.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, Optional
+
+import torch
+
+from llp_pretrain.config import RunConfig
+from llp_pretrain.data import DataLayoutError, read_split_stream
+from llp_pretrain.evaluate import bytes_per_token, score_windows, summarize, window_plan
+
+from .distributed import all_reduce
+
+__all__ = ["Evaluator", "sample_text", "gather_context", "log_val"]
+
+
+class Evaluator:
+    """Validation loss, perplexity and bits per byte of the model being trained (collective).
+
+    The windows are planned once (``data.val_samples`` of them, split over the data-parallel ranks);
+    when the data has no usable validation split, a warning is printed once and :meth:`run` returns
+    None on every rank."""
+
+    def __init__(self, cfg: RunConfig, d, engine, console: Callable[[str], None]):
+        self.cfg, self.d, self.engine, self.console = cfg, d, engine, console
+        self._cache: Dict[str, Any] = {}
+
+    def _plan(self) -> bool:
+        cfg, d = self.cfg, self.d
+        seq_len = cfg.model.seq_len
+        trained = self.engine.module.trained_positions(seq_len)
+        tlen = trained.stop - trained.start
+        try:
+            stream_np = read_split_stream(cfg.data.path, "val", cfg.manifest, max_samples=cfg.data.val_samples + 1,
+                                          verify_checksums=cfg.data.verify_checksums)
+            plan = window_plan(len(stream_np), seq_len, tlen, tlen)[: cfg.data.val_samples]
+        except (DataLayoutError, ValueError) as e:  # same data on every rank: all skip together
+            self.console(f"[llp-pretrain] warning: no validation during training ({e})")
+            self._cache["unavailable"] = True
+            return False
+        self._cache.update(stream=torch.from_numpy(stream_np), plan=plan[d.dp_rank::d.dp_size], tlen=tlen,
+                           n_batches=math.ceil(math.ceil(len(plan) / d.dp_size) / cfg.train.micro_batch_size))
+        return True
+
+    def run(self) -> Optional[Dict[str, float]]:
+        """``{"loss", "ppl", "bits_per_byte", "tokens", ...}`` over all ranks, or None (no val split)."""
+        if self._cache.get("unavailable") or ("plan" not in self._cache and not self._plan()):
+            return None
+        c, d, engine = self._cache, self.d, self.engine
+        engine.eval()
+        try:
+            nll, n = score_windows(lambda x: engine(x), c["stream"], c["plan"], self.cfg.model.seq_len, c["tlen"],
+                                   self.cfg.train.micro_batch_size, d.device, pad_to=c["n_batches"])
+        finally:
+            engine.train()
+        nll_all, n_all = all_reduce([nll, n], device=d.reduce_device)
+        # sequence-parallel peers scored the same windows: divide the double count
+        res = summarize(nll_all / d.sp_size, int(n_all / d.sp_size), bytes_per_token(self.cfg.manifest, "val"))
+        return res.to_dict()
+
+
+def gather_context(engine, stage: int):
+    """Under ZeRO-3, a context in which every rank holds the full parameters; otherwise a no-op."""
+    if stage == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    return nullcontext()
+
+
+def sample_text(engine, cfg: RunConfig, tokenizer_path: Optional[str], stage: int) -> Optional[str]:
+    """``train.sample_tokens`` tokens generated from ``train.sample_prompt`` (temperature 0.8, top-k 40,
+    seed ``train.seed``), decoded with the run's tokenizer, or token ids when there is none; None when
+    ``train.sample_tokens`` is 0. Collective under ZeRO-3."""
+    t = cfg.train
+    if t.sample_tokens <= 0:
+        return None
+    try:
+        import sentencepiece as spm
+
+        sp_model = spm.SentencePieceProcessor(model_file=str(tokenizer_path)) if tokenizer_path else None
+    except Exception:
+        sp_model = None
+    prompt = sp_model.encode(t.sample_prompt) if sp_model else [4, 5, 6]
+    with gather_context(engine, stage):
+        out = engine.module.generate(torch.tensor(prompt), t.sample_tokens, temperature=0.8, top_k=40,
+                                     seed=t.seed, eos_id=3)
+    ids = out.tolist()
+    return sp_model.decode(ids) if sp_model else " ".join(map(str, ids))
+
+
+def log_val(monitor, step: int, val: Optional[Dict[str, float]], sample: Optional[str]) -> None:
+    """Write the validation scalars (and the sample text) at ``step`` to TensorBoard and the console."""
+    if val is None:
+        return
+    monitor.scalars(step, {"val/loss": val["loss"], "val/ppl": val["ppl"], "val/bits_per_byte": val["bits_per_byte"]})
+    bpb = val["bits_per_byte"] if val["bits_per_byte"] is not None else float("nan")
+    monitor.console(f"eval  {step:>7d} | val loss {val['loss']:.4f} | ppl {val['ppl']:.2f} | bpb {bpb:.4f} | "
+                    f"{val['tokens']} tokens")
+    if sample is not None:
+        monitor.text("samples/generated", sample, step)
+        monitor.console(f"sample {step:>6d} | {sample!r}")
+    monitor.flush()
