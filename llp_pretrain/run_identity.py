@@ -60,9 +60,11 @@ def start_point(run_dir: Path, resume: Optional[str], overwrite: bool) -> Option
 
 
 def hold_run_lock(run_dir: Path) -> None:
-    """Take ``run_dir/.llp-train.lock`` (``flock``, exclusive) for the life of this process, so two
-    trainings never write one run directory; a second call for the same directory in the same
-    process is a no-op. The operating system releases it when the process ends, however it ends.
+    """Take ``run_dir/.llp-train.lock`` (a POSIX record lock, ``lockf``, exclusive) for the life of
+    this process, so two trainings never write one run directory; a second call for the same
+    directory in the same process is a no-op. The operating system releases it when the process
+    ends, however it ends. A record lock belongs to the process, not to the open file, so forked
+    children (data-loader workers, which outlive a SIGKILLed parent by a few seconds) never hold it.
 
     Raises ``ValueError`` naming the directory and the holder's pid when another process holds it."""
     import fcntl
@@ -74,7 +76,7 @@ def hold_run_lock(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
         os.close(fd)

@@ -159,6 +159,33 @@ def test_one_training_per_run_directory(tmp_path):
     hold_run_lock(run)  # the same process may start another training in it
 
 
+def test_run_lock_is_not_held_by_a_killed_holders_forked_children(tmp_path):
+    """Data-loader workers are forked from the trainer and outlive a SIGKILLed trainer by seconds;
+    the resume started right after must not be refused because of them (CI saw exactly that)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from llp_pretrain.run_identity import hold_run_lock
+
+    run = tmp_path / "run"
+    code = ("import os, sys, time; from llp_pretrain.run_identity import hold_run_lock; "
+            f"hold_run_lock({str(run)!r}); pid = os.fork()\n"
+            "if pid == 0:\n    time.sleep(60); os._exit(0)\n"
+            "print(pid, flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(30)
+        os.kill(child, 0)  # the forked child is still alive
+        hold_run_lock(run)
+    finally:
+        holder.kill()
+        os.kill(child, signal.SIGKILL)
+
+
 def test_exported_weights_that_are_not_safetensors_are_refused(tmp_path):
     import json
     import pickle
