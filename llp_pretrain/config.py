@@ -13,6 +13,7 @@ Cross-field rules (``world_size`` = number of processes, ``P`` = ``sequence_para
   ``model.variant: llp``, with ``seq_len`` a multiple of ``P * segment_len``);
 * ``global_batch_size == micro_batch_size * grad_accum_steps * data_parallel_size`` (the one
   missing is derived; both given must agree);
+* ``data_parallel_size`` divides the virtual data readers (``llp_pretrain.data_order``);
 * ``model.seq_len`` equals the shards' manifest ``seq_len``; ``model.vocab_size`` is at least the
   tokenizer's piece count (``vocab_size: auto`` takes the piece count from the manifest);
 * the DeepSpeed JSON's batch fields, ``gradient_clipping`` and precision sections, when present,
@@ -74,7 +75,11 @@ class DataConfig(_Strict):
     tokenizer: Optional[str] = Field(
         None, description="SentencePiece tokenizer.model; default: DIR/tokenizer.model next to or above the shards")
     num_workers: int = Field(1, ge=0, description="dataloader worker processes per rank (0 = in-process)")
-    shuffle_buffer: int = Field(1000, ge=1, description="samples held in each worker's shuffle buffer")
+    shuffle_buffer: int = Field(1000, ge=1, description="samples held in each virtual reader's shuffle buffer")
+    virtual_readers: Optional[int] = Field(
+        None, ge=1, description="readers of the global sample order; default: the largest divisor of "
+        "global_batch_size <= min(64, train shards); data_parallel_size must divide it (docs/training.md)")
+    log_consumed: bool = Field(False, description="append each step's sample keys to RUN/consumed/rank{R:05d}.jsonl")
     val_samples: int = Field(64, ge=1, description="validation windows scored at each evaluation during training")
     verify_checksums: bool = Field(
         True, description="check each sample's tokens against the blake2b checksum llp-prep stored in its json")
@@ -547,6 +552,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: Optional[List[
         raise ConfigError(source, [(where(loc), msg) for loc, msg in problems])
     train = secs["train"][0]
     train.grad_accum_steps, train.global_batch_size = batch["grad_accum_steps"], batch["global_batch_size"]
+    if batch.get("virtual_readers"):
+        secs["data"][0].virtual_readers = batch["virtual_readers"]
     return RunConfig(model=model, data=secs["data"][0], train=train, parallel=secs["parallel"][0],
                      deepspeed=str(ds_resolved), run=secs["run"][0], world_size=world_size,
                      data_parallel_size=dp, ds_config=ds_config, source=source, manifest=manifest)
@@ -675,15 +682,16 @@ def _check_layout_and_batch(secs, world_size: Optional[int], manifest, problems)
         elif ga is not None:
             batch.update(grad_accum_steps=ga, global_batch_size=gb)
     data, data_bad, data_raw = secs["data"]
-    workers = _value(data, data_raw, data_bad, "num_workers")
-    if manifest is not None and workers is not None and dp is not None:
-        n_train = sum(1 for sh in manifest.get("shards", []) if sh.get("split") == "train")
-        readers = dp * max(1, workers)
-        if n_train < readers:
-            problems.append(("data.num_workers", f"{n_train} train shard(s) cannot feed data_parallel_size={dp} x "
-                             f"num_workers={max(1, workers)} = {readers} readers (each reads whole shards); "
-                             "lower data.num_workers or re-shard with more, smaller shards "
-                             "(`llp-prep shard --samples-per-shard`)"))
+    readers = _value(data, data_raw, data_bad, "virtual_readers")
+    if manifest is not None and dp is not None and batch["global_batch_size"] and "virtual_readers" not in data_bad:
+        from llp_pretrain.data_order import data_layout_problem, resolve_virtual_readers
+
+        counts = [sum(1 for sh in manifest.get("shards", []) if sh.get("split") == "train")]
+        why = data_layout_problem(batch["global_batch_size"], counts, dp, readers)
+        if why:
+            problems.append(("data.virtual_readers" if readers else "train.global_batch_size", why))
+        else:
+            batch["virtual_readers"] = resolve_virtual_readers(batch["global_batch_size"], counts, readers)
     lr, min_lr = (_value(train, train_raw, train_bad, k, (int, float)) for k in ("lr", "min_lr"))
     if lr is not None and min_lr is not None and min_lr > lr:
         problems.append(("train.min_lr", f"{min_lr} is above train.lr {lr}"))

@@ -1,23 +1,24 @@
-"""Streaming WebDataset loader with a deterministic, resumable sample order.
+"""Streaming WebDataset loader with one global, resumable sample order.
 
-Layout (see ``docs/training.md``):
+Order (``llp_pretrain.data_order``; ``docs/training.md``, "Data loading"): the samples of each
+optimizer step are a function of the dataset(s), ``train.seed``, ``data.shuffle_buffer`` and
+``train.global_batch_size`` only; not of ``data_parallel_size``, ``sequence_parallel_size`` or
+``num_workers``.
 
-* Shards of the ``train`` split (sorted by name, from ``manifest.json``) are split by
-  **data-parallel rank** first -- shard ``i`` goes to ``dp_rank = i % data_parallel_size`` -- and
-  then by **logical worker** -- the ``j``-th shard of a rank goes to worker ``j % num_workers``.
-  ``dp_rank = rank // sequence_parallel_size`` is computed by the engine, so sequence-parallel peers
-  read the same samples. (webdataset's ``split_by_node`` is not used: it reads the global ``RANK``.)
-  Fewer shards than ``data_parallel_size * num_workers`` fails up front (:class:`DataLayoutError`).
-* Each worker streams its shards for ever, epoch after epoch (resampled epochs, so every rank runs
-  exactly the same number of steps however uneven the shards are). In epoch ``e`` it visits its
-  shards in an order shuffled by ``rng(seed, e, dp_rank, worker)`` and passes the raw samples through
-  ``webdataset.shuffle`` with a buffer seeded from the same tuple. Nothing else seeds the order.
-* Batches of ``micro_batch_size`` samples are formed inside a worker (they may span epochs), and the
-  torch DataLoader returns worker batches round-robin, so batch ``b`` of a rank comes from logical
-  worker ``b % num_workers``. A loader started at ``consumed_batches = B`` maps physical worker
-  ``p`` to logical worker ``(B + p) % num_workers`` and lets each logical worker skip the samples it
-  already delivered (whole epochs by arithmetic from the manifest's counts, the rest by reading raw
-  samples without decoding), so a resumed run neither repeats nor skips a sample.
+* ``V`` virtual readers; train shard ``i`` of each source (sorted by name, from ``manifest.json``)
+  belongs to reader ``i % V``. A reader streams its shards for ever, epoch after epoch (so every rank
+  runs the same number of steps however uneven the shards are): in epoch ``e`` it visits them in an
+  order shuffled by ``rng(seed, source, e, reader)`` and passes the samples through
+  ``webdataset.shuffle`` with a buffer seeded from the same tuple. For a mixture
+  (``data.sources``), each reader has one such stream per source and draws the source of its
+  ``k``-th sample from ``data_order.source_choices``.
+* Step ``s`` takes ``global_batch_size / V`` consecutive samples from every reader. Data-parallel
+  rank ``r`` owns readers ``v % dp == r`` (``dp`` must divide ``V``); sequence-parallel peers share a
+  ``dp_rank`` and read the same samples. DataLoader workers split a rank's readers among themselves
+  and deliver one item per step; :class:`StepBatches` joins them in reader order and cuts the rank's
+  share into micro-batches, the same for any ``num_workers``.
+* Resume at data position ``s``: every reader skips ``s * global_batch_size / V`` samples (per
+  source: whole epochs by arithmetic from the manifest's counts, the rest by reading them).
 
 Samples are ``tokens.npy`` arrays of ``seq_len + 1`` ids (``docs/internals.md``); batches are
 ``{"tokens": LongTensor (B, seq_len + 1), "keys": list of "shard/key" strings, "skipped": int}``.
@@ -55,6 +56,8 @@ import torch
 import webdataset as wds
 
 from llp_pretrain.config import read_manifest
+from llp_pretrain.data_order import (MIX_CHUNK, data_layout_problem, derive_seed, rank_readers,
+                                     resolve_virtual_readers, source_choices, source_counts)
 
 __all__ = [
     "DataLayoutError",
@@ -63,9 +66,12 @@ __all__ = [
     "check_sample",
     "read_shard",
     "ShardInfo",
-    "split_shards",
-    "derive_seed",
+    "list_shards",
+    "TrainSource",
+    "train_sources",
     "TrainStream",
+    "StepBatches",
+    "TrainLoader",
     "make_train_loader",
     "iter_split_tokens",
     "read_split_stream",
@@ -112,29 +118,6 @@ def list_shards(data_dir: str, split: str, manifest: Optional[Dict] = None) -> L
     if not out:
         raise DataLayoutError(f"{Path(data_dir) / 'manifest.json'}: no '{split}' shards")
     return sorted(out, key=lambda s: s.name)
-
-
-def split_shards(shards: Sequence[ShardInfo], dp_size: int, dp_rank: int, num_workers: int) -> List[List[ShardInfo]]:
-    """Shards of one data-parallel rank, per logical worker: shard ``i`` -> rank ``i % dp_size``,
-    then the rank's ``j``-th shard -> worker ``j % num_workers``.
-
-    Returns a list of ``num_workers`` non-empty lists (disjoint across ranks and workers; their union
-    over all ranks and workers is ``shards``). Raises ``DataLayoutError`` if there are fewer shards than
-    ``dp_size * num_workers``."""
-    w = max(1, num_workers)
-    if len(shards) < dp_size * w:
-        raise DataLayoutError(
-            f"{len(shards)} train shard(s) cannot feed data_parallel_size={dp_size} x num_workers={w} = "
-            f"{dp_size * w} readers: re-shard with more, smaller shards (`llp-prep shard --samples-per-shard`) "
-            f"or lower data.num_workers")
-    mine = [s for i, s in enumerate(shards) if i % dp_size == dp_rank]
-    return [[s for j, s in enumerate(mine) if j % w == k] for k in range(w)]
-
-
-def derive_seed(*parts) -> int:
-    """A 64-bit seed from a tuple such as ``(seed, epoch, dp_rank, worker, purpose)`` (sha256)."""
-    h = hashlib.sha256(repr(tuple(parts)).encode()).digest()
-    return int.from_bytes(h[:8], "little")
 
 
 @dataclass(frozen=True)
@@ -268,116 +251,161 @@ def read_shard(shard: ShardInfo, spec: SampleSpec, on_corrupt: str = "fail", fir
             shard.samples - n)
 
 
+@dataclass(frozen=True)
+class TrainSource:
+    """One dataset of the training data: ``data.path`` (name ``""``: keys are ``shard/key``) or one
+    entry of ``data.sources`` (keys are ``name/shard/key``); ``weight`` > 0 (normalised over sources);
+    ``manifest``: its ``manifest.json`` when already read."""
+
+    name: str
+    path: str
+    weight: float = 1.0
+    manifest: Optional[Dict] = None
+
+
+def train_sources(cfg) -> List[TrainSource]:
+    """The :class:`TrainSource` s of a run config: ``data.path`` (unprefixed keys)."""
+    return [TrainSource("", cfg.data.path, 1.0, cfg.manifest)]
+
+
 class TrainStream(torch.utils.data.IterableDataset):
-    """Infinite stream of training micro-batches for one data-parallel rank (see module doc).
+    """The training samples of one data-parallel rank in the global order of ``llp_pretrain.data_order``.
 
     Args:
-        data_dir: dataset directory (``manifest.json`` + shards).
+        sources: a dataset directory, or a list of :class:`TrainSource` (a weighted mixture).
+        global_batch_size, micro_batch_size: samples per optimizer step (all ranks) / per micro-batch.
         dp_size, dp_rank: data-parallel layout (``dp_rank = rank // sequence_parallel_size``).
-        num_workers: DataLoader workers (0 = in-process; counts as one logical worker).
-        micro_batch_size: samples per batch.
-        seed: run seed.
-        shuffle_buffer: samples in each worker's shuffle buffer.
-        consumed_batches: batches this rank already consumed (resume position).
+        num_workers: DataLoader workers (0 = in-process); any number gives the same batches.
+        seed, shuffle_buffer: ``train.seed`` and the samples in each reader's shuffle buffer.
+        start_step: data position (optimizer steps already read from this data; resume).
+        virtual_readers: ``data.virtual_readers`` (None: derived, ``data_order.resolve_virtual_readers``).
         verify_checksums, on_corrupt: ``data.verify_checksums`` / ``data.on_corrupt`` (:func:`read_shard`).
 
-    Yields ``{"tokens": LongTensor (micro_batch_size, seq_len + 1), "keys": [str], "skipped": int}``
-    (``skipped``: samples this logical worker dropped as corrupt so far, ``on_corrupt="skip"``), or,
-    once, ``{"error": str}`` when the data is corrupt under ``on_corrupt="fail"``
-    (:func:`make_train_loader`'s iterator raises it as :class:`CorruptDataError`).
+    Raises :class:`DataLayoutError` up front when ``dp_size`` does not divide the readers, the batch
+    sizes disagree, or the sources disagree on ``seq_len``. Iterating (in a DataLoader worker)
+    yields one item per step for the worker's share of the rank's readers:
+    ``{"step", "readers": [v], "tokens": LongTensor (n, seq_len + 1), "keys": [str], "skipped": int}``,
+    or once ``{"error": str}`` (corrupt data under ``on_corrupt="fail"``); :func:`make_train_loader`
+    regroups them into micro-batches.
     """
 
-    def __init__(self, data_dir: str, dp_size: int, dp_rank: int, num_workers: int, micro_batch_size: int,
-                 seed: int, shuffle_buffer: int = 1000, consumed_batches: int = 0, manifest: Optional[Dict] = None,
-                 verify_checksums: bool = True, on_corrupt: str = "fail"):
+    def __init__(self, sources, global_batch_size: int, micro_batch_size: int, dp_size: int = 1, dp_rank: int = 0,
+                 num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 1000, start_step: int = 0,
+                 virtual_readers: Optional[int] = None, verify_checksums: bool = True, on_corrupt: str = "fail"):
         super().__init__()
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"data.on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
-        self.data_dir = str(data_dir)
-        self.manifest = manifest or read_manifest(data_dir)
-        self.shards = list_shards(self.data_dir, "train", self.manifest)
-        self.first_index = _first_indices(self.shards)
-        self.spec = SampleSpec.from_manifest(self.manifest, verify_checksums)
-        self.on_corrupt = on_corrupt
-        self.skipped = [0]
+        self.sources = [TrainSource("", str(sources))] if isinstance(sources, (str, os.PathLike)) else list(sources)
+        manifests = [s.manifest or read_manifest(s.path) for s in self.sources]
+        self.shards = [list_shards(s.path, "train", m) for s, m in zip(self.sources, manifests)]
+        self.first_index = [_first_indices(sh) for sh in self.shards]
+        self.specs = [SampleSpec.from_manifest(m, verify_checksums) for m in manifests]
+        if len({sp.seq_len for sp in self.specs}) > 1:
+            raise DataLayoutError("data sources differ in seq_len: " + ", ".join(
+                f"{s.name or s.path}: {sp.seq_len}" for s, sp in zip(self.sources, self.specs)))
+        self.weights = [float(s.weight) for s in self.sources]
+        self.on_corrupt, self.skipped = on_corrupt, [0]
+        self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_size, self.dp_rank = dp_size, dp_rank
         self.requested_workers = num_workers
-        self.num_workers = max(1, num_workers)
-        self.micro_batch_size = micro_batch_size
-        self.seed = seed
-        self.shuffle_buffer = shuffle_buffer
-        self.consumed_batches = consumed_batches
-        self.worker_shards = split_shards(self.shards, dp_size, dp_rank, num_workers)
+        self.seed, self.shuffle_buffer, self.start_step = seed, shuffle_buffer, start_step
+        counts = [len(sh) for sh in self.shards]
+        problem = data_layout_problem(global_batch_size, counts, dp_size, virtual_readers)
+        if problem:
+            raise DataLayoutError(problem)
+        self.virtual_readers = resolve_virtual_readers(global_batch_size, counts, virtual_readers)
+        self.per_reader = global_batch_size // self.virtual_readers  # samples per reader per step
+        if (global_batch_size // dp_size) % micro_batch_size:
+            raise DataLayoutError(f"global_batch_size {global_batch_size} / data_parallel_size {dp_size} is not a "
+                                  f"multiple of micro_batch_size {micro_batch_size}")
+        self.readers = rank_readers(self.virtual_readers, dp_size, dp_rank)
+        v_count = self.virtual_readers
+        self.reader_shards = [[[s for i, s in enumerate(sh) if i % v_count == v] for v in range(v_count)]
+                              for sh in self.shards]
 
-    def epoch_samples(self, worker: int) -> int:
-        """Samples one epoch of logical worker ``worker`` holds (sum of its shards' manifest counts)."""
-        return sum(s.samples for s in self.worker_shards[worker])
+    def key(self, source: int, key: str) -> str:
+        """The consumed-log key of a sample: ``shard/key``, prefixed ``name/`` for ``data.sources``."""
+        name = self.sources[source].name
+        return f"{name}/{key}" if name else key
 
-    def checked_epoch(self, worker: int, epoch: int) -> Iterator[Tuple[str, np.ndarray]]:
-        """Validated ``(key, tokens)`` of one epoch of one logical worker, in their final (shuffled)
-        order: shards in an order shuffled by ``(seed, epoch, dp_rank, worker)``, each read by
-        :func:`read_shard`, then a seeded shuffle buffer."""
-        shards = list(self.worker_shards[worker])
-        random.Random(derive_seed(self.seed, epoch, self.dp_rank, worker, "shards")).shuffle(shards)
-        rng = random.Random(derive_seed(self.seed, epoch, self.dp_rank, worker, "buffer"))
-        checked = (x for s in shards
-                   for x in read_shard(s, self.spec, self.on_corrupt, self.first_index[s.name], self.skipped))
+    def epoch_samples(self, source: int, reader: int) -> int:
+        """Samples one epoch of ``reader``'s shards of ``source`` holds (manifest counts)."""
+        return sum(s.samples for s in self.reader_shards[source][reader])
+
+    def checked_epoch(self, source: int, reader: int, epoch: int) -> Iterator[Tuple[str, np.ndarray]]:
+        """Validated ``(key, tokens)`` of one epoch of ``reader``'s shards of ``source`` in their final
+        order: shards shuffled by ``(seed, source, epoch, reader)``, each read by :func:`read_shard`,
+        then a ``webdataset.shuffle`` buffer seeded by the same tuple."""
+        shards = list(self.reader_shards[source][reader])
+        random.Random(derive_seed(self.seed, source, epoch, reader, "shards")).shuffle(shards)
+        rng = random.Random(derive_seed(self.seed, source, epoch, reader, "buffer"))
+        spec, first = self.specs[source], self.first_index[source]
+        checked = (x for s in shards for x in read_shard(s, spec, self.on_corrupt, first[s.name], self.skipped))
         return iter(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(checked))
 
-    def worker_samples(self, worker: int, skip: int = 0) -> Iterator[Tuple[str, np.ndarray]]:
-        """Infinite validated sample stream of a logical worker, starting after ``skip`` samples.
+    def source_samples(self, source: int, reader: int, skip: int = 0) -> Iterator[Tuple[str, np.ndarray]]:
+        """Endless validated stream of ``reader``'s shards of ``source``, after ``skip`` samples.
 
         Whole epochs are skipped by arithmetic: with ``on_corrupt="fail"`` an epoch holds the
         manifest's count; with ``"skip"`` it holds the count of good samples, the same in every epoch
         (same shards, same bytes), learnt by reading the first epoch when the skip reaches past it."""
-        per_epoch = self.epoch_samples(worker)
+        names = [s.name for s in self.reader_shards[source][reader]]
+        per_epoch = self.epoch_samples(source, reader)
         if per_epoch == 0:
-            raise DataLayoutError(f"{self.data_dir}/manifest.json lists 0 samples for shards "
-                                  f"{[s.name for s in self.worker_shards[worker]]}; rerun `llp-prep shard`")
+            raise DataLayoutError(f"{self.sources[source].path}/manifest.json lists 0 samples for shards {names}; "
+                                  "rerun `llp-prep shard`")
         epoch, offset = divmod(skip, per_epoch) if self.on_corrupt == "fail" else (0, skip)
         while True:
             n = 0
-            for n, sample in enumerate(self.checked_epoch(worker, epoch), start=1):
+            for n, sample in enumerate(self.checked_epoch(source, reader, epoch), start=1):
                 if n > offset:
                     yield sample
             if n == 0:
-                raise CorruptDataError(
-                    f"every sample of shards {[s.name for s in self.worker_shards[worker]]} failed validation "
-                    f"(data.on_corrupt=skip); run `llp-prep verify {self.data_dir}`")
+                raise CorruptDataError(f"every sample of shards {names} failed validation (data.on_corrupt=skip); "
+                                       f"run `llp-prep verify {self.sources[source].path}`")
             epoch, offset = epoch + 1, max(0, offset - n)
             if offset >= n:  # "skip" mode resuming past whole epochs: n good samples per epoch
                 epoch, offset = epoch + offset // n, offset % n
 
-    def logical_worker(self, physical: int) -> int:
-        """Logical worker that physical DataLoader worker ``physical`` plays after the resume offset."""
-        return (self.consumed_batches + physical) % self.num_workers
-
-    def skipped_batches(self, logical: int) -> int:
-        """Batches logical worker ``logical`` delivered before ``consumed_batches``."""
-        b, w = self.consumed_batches, self.num_workers
-        return max(0, (b - logical + w - 1) // w)
+    def reader_samples(self, reader: int, start: int) -> Iterator[Tuple[str, np.ndarray]]:
+        """Endless stream of virtual reader ``reader`` from its sample ``start``: its ``k``-th sample
+        comes from source ``data_order.source_choices(...)[k]``, the next one of that source's stream."""
+        skips = source_counts(self.seed, self.weights, reader, start)
+        streams: Dict[int, Iterator] = {}
+        k = start
+        while True:
+            chunk, pos = divmod(k, MIX_CHUNK)
+            for j in source_choices(self.seed, self.weights, reader, chunk)[pos:]:
+                j = int(j)
+                if j not in streams:  # opened lazily: a source a reader never draws is never read
+                    streams[j] = self.source_samples(j, reader, int(skips[j]))
+                key, arr = next(streams[j])
+                yield self.key(j, key), arr
+            k = (chunk + 1) * MIX_CHUNK
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        physical = info.id if info is not None else 0
-        if info is not None and info.num_workers != self.num_workers:
-            raise DataLayoutError(f"DataLoader has {info.num_workers} workers, stream was built for {self.num_workers}")
-        logical = self.logical_worker(physical)
-        stream = self.worker_samples(logical, skip=self.skipped_batches(logical) * self.micro_batch_size)
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = self.readers[worker::workers]
+        c = self.per_reader
+        streams = [self.reader_samples(v, self.start_step * c) for v in mine]
+        step = self.start_step
         while True:
             keys, arrays = [], []
             try:
-                for _ in range(self.micro_batch_size):
-                    k, a = next(stream)
-                    keys.append(k)
-                    arrays.append(a)
+                for stream in streams:
+                    for _ in range(c):
+                        k, a = next(stream)
+                        keys.append(k)
+                        arrays.append(a)
             except CorruptDataError as e:  # handed to the trainer process; a worker never raises it
                 hint = " (or set data.on_corrupt=skip to train on without it)" if self.on_corrupt == "fail" else ""
                 yield {"error": f"{e}{hint}"}
                 return
-            yield {"tokens": torch.from_numpy(np.stack(arrays).astype(np.int64)), "keys": keys,
-                   "skipped": self.skipped[0]}
-
+            tokens = (torch.from_numpy(np.stack(arrays).astype(np.int64)) if arrays
+                      else torch.empty((0, self.specs[0].seq_len + 1), dtype=torch.int64))
+            yield {"step": step, "readers": mine, "tokens": tokens, "keys": keys, "skipped": self.skipped[0]}
+            step += 1
 
 def _first_indices(shards: Sequence[ShardInfo]) -> Dict[str, int]:
     """Index of each shard's first sample within its stream: the manifest counts of the shards of
@@ -413,43 +441,79 @@ def _defer_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
-class _CheckedIterator:
-    """Iterator over a DataLoader's batches that raises a worker's ``{"error": ...}`` batch as
-    :class:`CorruptDataError` in this process, after dropping the DataLoader iterator (its
-    workers are shut down at once, not at interpreter exit)."""
+class StepBatches:
+    """Iterator over a rank's micro-batches, built from the per-step items of a :class:`TrainStream`'s
+    DataLoader workers (returned round-robin, one item per worker per step): the items of step ``s``
+    are joined in reader order and cut into ``micro_batch_size`` rows, so the micro-batches are the
+    same for any ``num_workers``. A worker's ``{"error": ...}`` item is raised as
+    :class:`CorruptDataError` here, after dropping the DataLoader iterator (its workers stop now).
 
-    def __init__(self, it):
-        self._it = it
+    Yields ``{"tokens": LongTensor (micro_batch_size, seq_len + 1), "keys": [str], "skipped": int,
+    "step": int}``; ``step_keys`` holds the keys of the last step started (the rank's share of that
+    step's global batch, in order)."""
+
+    def __init__(self, it, stream: TrainStream, workers: int):
+        self._it, self.stream, self.workers = it, stream, max(1, workers)
+        self.step = stream.start_step
+        self.step_keys: List[str] = []
+        self._queue: List[Dict] = []
 
     def __iter__(self):
         return self
 
-    def __next__(self):
+    def _next_item(self) -> Dict:
+        item = next(self._it)
+        if "error" in item:
+            self._it = None
+            raise CorruptDataError(item["error"])
+        if item["step"] != self.step:  # the round-robin contract of torch's DataLoader broke
+            raise RuntimeError(f"data loader out of order: got step {item['step']} while assembling {self.step}")
+        return item
+
+    def _fill(self) -> None:
+        items = [self._next_item() for _ in range(self.workers)]
+        c = self.stream.per_reader
+        rows: Dict[int, Tuple[List[str], torch.Tensor]] = {}
+        for item in items:
+            for i, v in enumerate(item["readers"]):
+                rows[v] = (item["keys"][i * c:(i + 1) * c], item["tokens"][i * c:(i + 1) * c])
+        order = self.stream.readers
+        keys = [k for v in order for k in rows[v][0]]
+        tokens = torch.cat([rows[v][1] for v in order])
+        skipped = sum(item["skipped"] for item in items)
+        mb = self.stream.micro_batch_size
+        self._queue = [{"tokens": tokens[i:i + mb], "keys": keys[i:i + mb], "skipped": skipped, "step": self.step}
+                       for i in range(0, len(keys), mb)]
+        self.step_keys = keys
+        self.step += 1
+
+    def __next__(self) -> Dict:
         if self._it is None:
             raise StopIteration
-        batch = next(self._it)
-        if "error" in batch:
-            self._it = None
-            raise CorruptDataError(batch["error"])
-        return batch
+        if not self._queue:
+            self._fill()
+        return self._queue.pop(0)
 
 
-class CheckedDataLoader(torch.utils.data.DataLoader):
-    """``torch.utils.data.DataLoader`` whose iterators raise data errors from workers as
-    :class:`CorruptDataError` (one line) in the calling process (:class:`_CheckedIterator`)."""
+class TrainLoader:
+    """Iterable of a rank's training micro-batches (:class:`StepBatches`) over a DataLoader with
+    ``data.num_workers`` worker processes (0 = in-process)."""
 
-    def __iter__(self):
-        return _CheckedIterator(super().__iter__())
+    def __init__(self, stream: TrainStream):
+        self.stream = stream
+        workers = stream.requested_workers
+        kwargs = dict(prefetch_factor=2, worker_init_fn=_defer_stop_signals) if workers else {}
+        self.loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, **kwargs)
+
+    def __iter__(self) -> StepBatches:
+        return StepBatches(iter(self.loader), self.stream, self.stream.requested_workers)
 
 
-def make_train_loader(stream: TrainStream) -> torch.utils.data.DataLoader:
-    """A DataLoader over ``stream`` with ``data.num_workers`` worker processes (0 = in-process);
-    batches pass through unchanged and are returned in worker round-robin order. Workers outlive a
-    SIGTERM by a grace period and ignore SIGUSR1 (see :func:`_defer_stop_signals`). Corrupt data
-    found by a worker is raised by ``next()`` as :class:`CorruptDataError` in this process."""
-    workers = stream.requested_workers
-    kwargs = dict(prefetch_factor=2, worker_init_fn=_defer_stop_signals) if workers else {}
-    return CheckedDataLoader(stream, batch_size=None, num_workers=workers, **kwargs)
+def make_train_loader(stream: TrainStream) -> TrainLoader:
+    """The training loader of ``stream``: iterating it gives micro-batches (:class:`StepBatches`).
+    Workers outlive a SIGTERM by a grace period and ignore SIGUSR1 (see :func:`_defer_stop_signals`).
+    Corrupt data found by a worker is raised by ``next()`` as :class:`CorruptDataError` in this process."""
+    return TrainLoader(stream)
 
 
 def iter_split_tokens(data_dir: str, split: str = "val", manifest: Optional[Dict] = None,

@@ -96,11 +96,16 @@ def test_sequence_parallel_needs_whole_segments_per_rank(ds, tmp_path):
     assert "model.seq_len" in str(ei.value) and "8 * 4 = 32" in str(ei.value)
 
 
-def test_too_few_shards_for_ranks_and_workers(ds, tmp_path):
-    raw = tiny_run_config(ds, tmp_path / "run", data={"num_workers": 2})
-    load_config(raw=raw, world_size=1)  # 2 shards feed 1 rank x 2 workers
-    with pytest.raises(ConfigError, match="2 train shard.*data_parallel_size=2 x num_workers=2 = 4 readers"):
-        load_config(raw=raw, world_size=2)
+def test_data_parallel_size_must_divide_the_virtual_readers(ds, tmp_path):
+    raw = tiny_run_config(ds, tmp_path / "run", data={"num_workers": 4})
+    cfg = load_config(raw=raw, world_size=2)  # 2 shards: 2 virtual readers, any number of workers
+    assert cfg.data.virtual_readers == 2 and cfg.to_dict()["data"]["virtual_readers"] == 2
+    with pytest.raises(ConfigError) as ei:
+        load_config(raw=raw, world_size=4)
+    assert [loc for loc, _ in ei.value.problems] == ["train.global_batch_size"]
+    assert "data_parallel_size=4 does not divide the 2 virtual data readers" in str(ei.value)
+    with pytest.raises(ConfigError, match="data.virtual_readers.*must divide train.global_batch_size=4"):
+        load_config(raw=tiny_run_config(ds, tmp_path / "run", data={"virtual_readers": 3}), world_size=2)
 
 
 def test_deepspeed_json_conflicts_with_yaml(ds, tmp_path):
@@ -190,7 +195,7 @@ def test_seventeen_problems_come_in_one_round(ds, tmp_path):
     (tmp_path / "afile").write_text("x")
     raw = tiny_run_config(ds, tmp_path / "afile", deepspeed=str(js),
                           model={"n_layers": "two", "segment_len": 5, "vocab_size": 20},
-                          data={"shuffle_buffer": 0, "num_workers": 4},
+                          data={"shuffle_buffer": 0, "num_workers": 4, "virtual_readers": 0},
                           train={"max_steps": "many", "lr": 1e-3, "min_lr": 1e-2, "micro_batch_size": 3,
                                  "global_batch_size": 8},
                           parallel={"sequence_parallel_size": 1})
@@ -211,7 +216,7 @@ def test_seventeen_problems_come_in_one_round(ds, tmp_path):
         "model": "seq_len (16) must be a multiple of segment_len (5)",   # the model's own check, n_layers wrong
         "model.vocab_size": "smaller than the tokenizer's piece count 50",
         "data.shuffle_buffer": "greater than or equal to 1",
-        "data.num_workers": "2 train shard(s) cannot feed",              # cross check, shuffle_buffer wrong
+        "data.virtual_readers": "greater than or equal to 1",
         "train.max_steps": "valid integer",
         "train.global_batch_size": "not a multiple of micro_batch_size",  # cross check, max_steps wrong
         "train.min_lr": "0.01 is above train.lr 0.001",

@@ -224,7 +224,8 @@ def test_split_stream_for_evaluation_is_checked(tmp_path):
 
 # ----------------------------------------------------------------------------------- TrainStream
 def _batches(ds, n, workers=1, policy="fail", consumed=0, dp=(1, 0)):
-    s = TrainStream(str(ds), dp[0], dp[1], workers, 2, seed=3, shuffle_buffer=4, consumed_batches=consumed,
+    """``n`` micro-batches of 2 (one step each: global batch 2 x dp), from data position ``consumed``."""
+    s = TrainStream(str(ds), 2 * dp[0], 2, dp[0], dp[1], workers, seed=3, shuffle_buffer=4, start_step=consumed,
                     on_corrupt=policy)
     return list(itertools.islice(make_train_loader(s), n))
 

@@ -170,7 +170,7 @@ def test_the_training_loader_and_eval_read_a_merged_dataset(env, tmp_path):
     run_array(env, out, [0, 1, 2])
     merge_parts(out)
     assert (read_split_stream(str(out), "val") == read_split_stream(str(env["single"]), "val")).all()
-    stream = TrainStream(str(out), dp_size=2, dp_rank=1, num_workers=1, micro_batch_size=4, seed=0)
+    stream = TrainStream(str(out), global_batch_size=8, micro_batch_size=4, dp_size=2, dp_rank=1, num_workers=1, seed=0)
     batches = iter(make_train_loader(stream))
     keys = [k for _ in range(5) for k in next(batches)["keys"]]
     assert len(set(keys)) == 20 and all(k.split("/")[1].startswith("train_s") for k in keys)

@@ -40,7 +40,7 @@ def _dp_sp_worker(rank, world, data_dir, out_dir, stages):
     import torch.distributed as dist
 
     from llp_pretrain.config import load_config
-    from llp_pretrain.data import TrainStream
+    from llp_pretrain.data import TrainStream, train_sources
     from llp_pretrain.engine import (_make_optimizer, build_parallel_context, compute_loss,
                                      lr_at, setup_distributed)
     from llp_pretrain.models import build_model
@@ -52,8 +52,8 @@ def _dp_sp_worker(rank, world, data_dir, out_dir, stages):
         t = cfg.train
         if not out:
             # samples the engine's data layout hands this rank
-            stream = TrainStream(cfg.data.path, d.dp_size, d.dp_rank, 0, t.micro_batch_size,
-                                 t.seed, cfg.data.shuffle_buffer, manifest=cfg.manifest)
+            stream = TrainStream(train_sources(cfg), t.global_batch_size, t.micro_batch_size, d.dp_size, d.dp_rank, 0,
+                                 t.seed, cfg.data.shuffle_buffer)
             it = iter(stream)
             out["keys"] = [k for _ in range(3) for k in next(it)["keys"]]
             out["dp_rank"], out["sp_rank"] = d.dp_rank, d.sp_rank

@@ -23,7 +23,8 @@ def layout_meta(cfg: RunConfig, d) -> Dict[str, Any]:
     """The parts of the process layout and data order an exact resume depends on."""
     return {"world_size": d.world_size, "data_parallel_size": d.dp_size, "sequence_parallel_size": d.sp_size,
             "micro_batch_size": cfg.train.micro_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
-            "num_workers": cfg.data.num_workers, "seed": cfg.train.seed, "shuffle_buffer": cfg.data.shuffle_buffer}
+            "num_workers": cfg.data.num_workers, "seed": cfg.train.seed, "shuffle_buffer": cfg.data.shuffle_buffer,
+            "global_batch_size": cfg.train.global_batch_size, "virtual_readers": cfg.data.virtual_readers}
 
 
 def check_resume_world(meta: Dict[str, Any], world_size: int, sequence_parallel_size: int, where: str) -> None:
@@ -51,8 +52,12 @@ def check_resume_layout(meta: Dict[str, Any], cfg: RunConfig, d, where: str) -> 
     depends on), saying how to proceed."""
     check_resume_world(meta, d.world_size, d.sp_size, where)
     old, new = meta.get("layout", {}), layout_meta(cfg, d)
-    diffs = [k for k in ("micro_batch_size", "grad_accum_steps", "num_workers", "seed", "shuffle_buffer")
-             if old.get(k) != new[k]]
+    if "virtual_readers" not in old:
+        raise ValueError(f"{where} was written by a loader whose sample order depended on the process layout; its "
+                         "data position cannot be continued exactly: `llp-pretrain export` it and start a new run with "
+                         "train.init_from")
+    # the global sample order depends on these only (llp_pretrain.data_order); num_workers and the micro batch are free
+    diffs = [k for k in ("global_batch_size", "virtual_readers", "seed", "shuffle_buffer") if old.get(k) != new[k]]
     if diffs:
         raise ValueError(f"{where} was written with " + ", ".join(f"{k}={old.get(k)}" for k in diffs)
                          + "; this run has " + ", ".join(f"{k}={new[k]}" for k in diffs)

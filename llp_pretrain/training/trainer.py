@@ -14,12 +14,13 @@ from typing import Any, Dict, Iterable, Optional
 import torch
 
 from llp_pretrain.config import RunConfig, resolve_tokenizer, resolved_precision
-from llp_pretrain.data import TrainStream, make_train_loader
+from llp_pretrain.data import TrainStream, make_train_loader, train_sources
 from llp_pretrain.monitor import Monitor
 from llp_pretrain.run_identity import run_hashes
 
 from . import callbacks as _callbacks
 from .checkpointer import Checkpointer, resolve_start
+from .consumed import ConsumedLog
 from .distributed import setup_distributed
 from .evaluation import Evaluator, log_val, sample_text
 from .metrics import MetricsLogger, StepOutcome
@@ -68,7 +69,7 @@ class Trainer:
         self.callbacks = [*_callbacks.registered(), *callbacks]
         self.step, self.skipped_total = self.start.step(), int((self.start.meta or {}).get("skipped_steps", 0))
         self.stopped_by, self.val = "max_steps", None
-        self.engine = self.loader = self.monitor = self.stop = None
+        self.engine = self.loader = self.monitor = self.stop = self.consumed = None
         if self.start.already_done(t.max_steps):
             return
         try:
@@ -86,6 +87,8 @@ class Trainer:
                                          console=lambda line: self.monitor.console(line))
         self.step, self.skipped_total = self.checkpointer.load()
         peak = self._start_loader()
+        if cfg.data.log_consumed:
+            self.consumed = ConsumedLog(self.run_dir, d.rank, d.world_size, self.step)
         # restored last: building the engine, measuring the peak and starting the loader's iterator all
         # draw from the global RNGs, so restoring earlier would shift dropout against the uninterrupted run
         self.checkpointer.restore_rng()
@@ -98,11 +101,10 @@ class Trainer:
     def _start_loader(self) -> Peak:
         """Open the training stream at this run's data position; returns the MFU peak."""
         cfg, d, t = self.cfg, self.d, self.cfg.train
-        stream = TrainStream(cfg.data.path, d.dp_size, d.dp_rank, cfg.data.num_workers, t.micro_batch_size, t.seed,
-                             cfg.data.shuffle_buffer,
-                             consumed_batches=(self.step - self.start.data_start) * t.grad_accum_steps,
-                             manifest=cfg.manifest, verify_checksums=cfg.data.verify_checksums,
-                             on_corrupt=cfg.data.on_corrupt)
+        stream = TrainStream(train_sources(cfg), t.global_batch_size, t.micro_batch_size, d.dp_size, d.dp_rank,
+                             cfg.data.num_workers, t.seed, cfg.data.shuffle_buffer,
+                             start_step=self.step - self.start.data_start, virtual_readers=cfg.data.virtual_readers,
+                             verify_checksums=cfg.data.verify_checksums, on_corrupt=cfg.data.on_corrupt)
         bf16_gpu = resolved_precision(t) == "bf16" and d.device.type == "cuda"
         # measured before the loader's workers start, so they do not compete with the measurement
         peak = resolve_peak(t.peak_flops, d, torch.bfloat16 if bf16_gpu else torch.float32)
@@ -145,6 +147,8 @@ class Trainer:
                 out = train_step(self.engine, self.loader, self.sp, self.d, t.grad_accum_steps, self.stage,
                                  resolved_precision(t), flags=self.stop.local_flags)
                 self.step += 1
+                if self.consumed is not None:
+                    self.consumed.record(self.step, self.loader.step_keys)
                 self.stop.agree(out.flags)
                 nonfinite_run = self._count_nonfinite(out, nonfinite_run)
                 self.metrics.record(out)
@@ -192,7 +196,9 @@ class Trainer:
         log_val(self.monitor, self.step, self.val, sample_text(self.engine, self.cfg, self.tokenizer_path, self.stage))
 
     def save(self) -> None:
-        """Checkpoint the current step."""
+        """Checkpoint the current step (the consumed log is made durable first)."""
+        if self.consumed is not None:
+            self.consumed.flush()
         self.checkpointer.save_step(self.step, self.skipped_total)
         self.last_saved = self.step
 
@@ -203,10 +209,12 @@ class Trainer:
     def close(self) -> None:
         """Shut down in a fixed order, on every exit path (finished, signal, time limit, an error):
         the loader's workers (dropping the only reference to its iterator stops them now, also while
-        an error is on its way out), TensorBoard, DeepSpeed's engine (``engine.destroy()``), the signal
-        handlers. The process group is destroyed last by whoever formed it
+        an error is on its way out), the consumed log (flushed), TensorBoard, DeepSpeed's engine
+        (``engine.destroy()``), the signal handlers. The process group is destroyed last by whoever formed it
         (``training.distributed.destroy_process_group``; the CLI does). Idempotent."""
         self.loader = None
+        if self.consumed is not None:
+            self.consumed.close()
         if self.monitor is not None:
             self.monitor.close()
         if self.engine is not None:
