@@ -2,8 +2,8 @@
 
 One JSON line per optimizer step ``s`` (1-based, as checkpoint steps): ``{"step": s, "keys": [...]}``,
 the samples this rank fed into that step (``shard/key``, or ``name/shard/key`` for ``data.sources``);
-sequence-parallel peers log the same keys. Lines are flushed and fsynced with each checkpoint (before
-it is written) and at the end. When a run starts at step ``S`` (0 for a fresh start), lines for
+sequence-parallel peers log the same keys. Each line is written to the OS at once, and the file is
+fsynced with each checkpoint (before it is written) and at the end. When a run starts at step ``S`` (0 for a fresh start), lines for
 steps after ``S`` are dropped first from every rank's file (temp file, fsync, rename), so the union
 over ranks of the lines with ``step <= N`` is exactly what checkpoint ``N`` was trained on.
 """
@@ -76,8 +76,9 @@ class ConsumedLog:
         self._f: Optional[object] = open(self.path, "a", encoding="utf-8")
 
     def record(self, step: int, keys: Sequence[str]) -> None:
-        """Append the line of optimizer step ``step`` (buffered until :meth:`flush`)."""
+        """Append the line of optimizer step ``step`` (handed to the OS at once; fsynced by :meth:`flush`)."""
         self._f.write(json.dumps({"step": step, "keys": list(keys)}) + "\n")
+        self._f.flush()
 
     def flush(self) -> None:
         """Flush and fsync the lines written so far (called before each checkpoint)."""
