@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
     "ConfigError",
@@ -68,10 +68,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(_Strict):
-    """``data`` section: where the shards are and how they are streamed."""
+class DataSource(_Strict):
+    """One entry of ``data.sources`` (a weighted mixture; docs/data_prep.md)."""
 
-    path: str = Field(description="dataset directory written by `llp-prep shard` (holds manifest.json)")
+    path: str = Field(description="dataset directory written by `llp-prep shard`")
+    weight: float = Field(gt=0, description="share of the training samples (normalised over the sources)")
+    name: Optional[str] = Field(None, pattern=r"^[^/\s]+$", description="default: the last component of path")
+
+    @model_validator(mode="after")
+    def _default_name(self):
+        if self.name is None:
+            self.name = Path(self.path).name or "source"
+        return self
+
+
+class DataConfig(_Strict):
+    """``data`` section: where the shards are (``path``, or a weighted mixture ``sources``) and how
+    they are streamed."""
+
+    path: Optional[str] = Field(None, description="dataset directory written by `llp-prep shard` (holds manifest.json)")
+    sources: Optional[List[DataSource]] = Field(None, min_length=1, description="weighted mixture, instead of path")
     tokenizer: Optional[str] = Field(
         None, description="SentencePiece tokenizer.model; default: DIR/tokenizer.model next to or above the shards")
     num_workers: int = Field(1, ge=0, description="dataloader worker processes per rank (0 = in-process)")
@@ -80,6 +96,21 @@ class DataConfig(_Strict):
         None, ge=1, description="readers of the global sample order; default: the largest divisor of "
         "global_batch_size <= min(64, train shards); data_parallel_size must divide it (docs/training.md)")
     log_consumed: bool = Field(False, description="append each step's sample keys to RUN/consumed/rank{R:05d}.jsonl")
+
+    @model_validator(mode="after")
+    def _path_or_sources(self):
+        if (self.path is None) == (self.sources is None):
+            raise ValueError("give exactly one of data.path (one dataset) and data.sources (a weighted mixture)")
+        names = [s.name for s in self.sources or []]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"data.sources names {dup} occur more than once; set sources[i].name to tell them apart")
+        return self
+
+    @property
+    def first_path(self) -> str:
+        """``path``, or the first source's path (its manifest stands for all: same tokenizer and seq_len)."""
+        return self.path if self.path is not None else self.sources[0].path
     val_samples: int = Field(64, ge=1, description="validation windows scored at each evaluation during training")
     verify_checksums: bool = Field(
         True, description="check each sample's tokens against the blake2b checksum llp-prep stored in its json")
@@ -380,7 +411,7 @@ def resolve_tokenizer(data: DataConfig, manifest: Optional[Dict[str, Any]] = Non
         return Path(data.tokenizer)
     from data_prep.tokenizer import file_sha256
 
-    base = Path(data.path)
+    base = Path(data.first_path)
     tok = (manifest or {}).get("tokenizer", {})
     cands = [base / "tokenizer.model", base.parent / "tokenizer" / "tokenizer.model", base.parent / "tokenizer.model"]
     if tok.get("path"):
@@ -582,20 +613,54 @@ def _validate_sections(raw: Dict[str, Any], problems) -> Dict[str, Tuple[Any, se
 
 
 def _check_data(secs, check_data: bool, problems) -> Optional[Dict[str, Any]]:
-    """Read ``data.path``'s manifest (checked even when other data keys are wrong); the manifest or None."""
+    """Read ``data.path``'s manifest, or each of ``data.sources`` (which must share the tokenizer and
+    ``seq_len``), checked even when other data keys are wrong; the (first) manifest or None. The train
+    shard counts go to ``secs["train_shards"]`` for the data-layout check."""
     data, bad, data_raw = secs["data"]
     data_path = _value(data, data_raw, bad, "path", str)
     manifest = None
+    if data is not None and data.sources and check_data:
+        manifest = _check_sources(data.sources, secs, problems)
     if data_path is not None and check_data:
         try:
             manifest = read_manifest(data_path)
+            secs["train_shards"] = [_train_shards(manifest)]
         except (FileNotFoundError, ValueError) as e:
             problems.append(("data.path", str(e)))
+    if (data_path is not None or manifest is not None) and check_data:
         tok = _value(data, data_raw, bad, "tokenizer", str)
         if tok and not Path(tok).is_file():
             problems.append(("data.tokenizer", f"{tok}: no such file"
                              + ("" if not Path(tok).exists() else " (it is a directory; give the tokenizer.model file)")))
     return manifest
+
+
+def _train_shards(manifest: Dict[str, Any]) -> int:
+    return sum(1 for sh in manifest.get("shards", []) if sh.get("split") == "train")
+
+
+def _check_sources(sources, secs, problems) -> Optional[Dict[str, Any]]:
+    """The manifests of ``data.sources``: each readable, all with the first one's tokenizer sha256 and
+    ``seq_len`` (a problem names the mismatch). Returns the first manifest, or None."""
+    manifests = []
+    for i, src in enumerate(sources):
+        try:
+            manifests.append((i, src, read_manifest(src.path)))
+        except (FileNotFoundError, ValueError) as e:
+            problems.append((f"data.sources.{i}.path", str(e)))
+    if not manifests or manifests[0][0] != 0:
+        return None
+    _, first, m0 = manifests[0]
+    for i, src, m in manifests[1:]:
+        for what, get in (("tokenizer sha256", lambda m: m.get("tokenizer", {}).get("sha256")),
+                          ("seq_len", lambda m: m.get("seq_len"))):
+            if get(m) != get(m0):
+                problems.append((f"data.sources.{i}.path", f"source {src.name!r} ({src.path}) has {what} {get(m)}, "
+                                 f"source {first.name!r} ({first.path}) has {get(m0)}; all sources of a mixture "
+                                 "must be sharded with one tokenizer and one --seq-len"))
+    if len(manifests) == len(sources):
+        secs["train_shards"] = [_train_shards(m) for _, _, m in manifests]
+    return m0
 
 
 def _check_model(model_raw: Any, secs, manifest, problems):
@@ -625,7 +690,7 @@ def _check_model(model_raw: Any, secs, manifest, problems):
     seq_len = _value(model, model_raw, bad, "seq_len")
     vocab = _value(model, model_raw, bad, "vocab_size")
     if manifest is not None and seq_len is not None and int(manifest.get("seq_len", -1)) != int(seq_len):
-        data_path = secs["data"][2].get("path") if isinstance(secs["data"][2], dict) else None
+        data_path = secs["data"][0].first_path if secs["data"][0] is not None else None
         problems.append(("model.seq_len", f"{seq_len} differs from the shards' seq_len "
                          f"{manifest.get('seq_len')} ({Path(str(data_path)) / 'manifest.json'}); "
                          "re-shard with `llp-prep shard --seq-len` or change model.seq_len"))
@@ -683,10 +748,10 @@ def _check_layout_and_batch(secs, world_size: Optional[int], manifest, problems)
             batch.update(grad_accum_steps=ga, global_batch_size=gb)
     data, data_bad, data_raw = secs["data"]
     readers = _value(data, data_raw, data_bad, "virtual_readers")
-    if manifest is not None and dp is not None and batch["global_batch_size"] and "virtual_readers" not in data_bad:
+    counts = secs.get("train_shards")
+    if counts and dp is not None and batch["global_batch_size"] and "virtual_readers" not in data_bad:
         from llp_pretrain.data_order import data_layout_problem, resolve_virtual_readers
 
-        counts = [sum(1 for sh in manifest.get("shards", []) if sh.get("split") == "train")]
         why = data_layout_problem(batch["global_batch_size"], counts, dp, readers)
         if why:
             problems.append(("data.virtual_readers" if readers else "train.global_batch_size", why))

@@ -264,7 +264,9 @@ class TrainSource:
 
 
 def train_sources(cfg) -> List[TrainSource]:
-    """The :class:`TrainSource` s of a run config: ``data.path`` (unprefixed keys)."""
+    """The :class:`TrainSource` s of a run config: ``data.path`` (unprefixed keys) or ``data.sources``."""
+    if cfg.data.sources:
+        return [TrainSource(s.name, s.path, s.weight) for s in cfg.data.sources]
     return [TrainSource("", cfg.data.path, 1.0, cfg.manifest)]
 
 

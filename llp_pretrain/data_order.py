@@ -28,7 +28,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 __all__ = ["MAX_VIRTUAL_READERS", "MIX_CHUNK", "derive_seed", "resolve_virtual_readers", "data_layout_problem",
-           "rank_readers", "source_choices", "source_counts"]
+           "rank_readers", "source_choices", "source_counts", "SourceTally"]
 
 #: the default number of virtual readers never exceeds this (it bounds open shards and buffers per process)
 MAX_VIRTUAL_READERS = 64
@@ -106,15 +106,35 @@ def source_choices(seed: int, weights: Sequence[float], reader: int, chunk: int)
     return np.minimum(np.searchsorted(cdf, u, side="right"), len(w) - 1).astype(np.int64)
 
 
-def source_counts(seed: int, weights: Sequence[float], reader: int, n: int) -> np.ndarray:
-    """How many of reader ``reader``'s first ``n`` samples come from each source (int64 array)."""
+def source_counts(seed: int, weights: Sequence[float], reader: int, n: int, start: int = 0) -> np.ndarray:
+    """How many of reader ``reader``'s samples ``start .. n - 1`` come from each source (int64 array)."""
     out = np.zeros(len(weights), dtype=np.int64)
     if len(weights) == 1:
-        out[0] = n
+        out[0] = max(0, n - start)
         return out
-    full, rest = divmod(n, MIX_CHUNK)
-    for chunk in range(full):
-        out += np.bincount(source_choices(seed, weights, reader, chunk), minlength=len(weights))
-    if rest:
-        out += np.bincount(source_choices(seed, weights, reader, full)[:rest], minlength=len(weights))
+    for chunk in range(start // MIX_CHUNK, -(-n // MIX_CHUNK)):
+        lo, hi = max(start - chunk * MIX_CHUNK, 0), min(n - chunk * MIX_CHUNK, MIX_CHUNK)
+        out += np.bincount(source_choices(seed, weights, reader, chunk)[lo:hi], minlength=len(weights))
     return out
+
+
+class SourceTally:
+    """Samples taken from each source in the global order up to a data position (all ranks together),
+    advanced incrementally: a function of the step, so it needs no state in checkpoints.
+
+    Args: ``seed``, ``weights``, ``virtual_readers`` and ``per_reader`` (``global_batch_size / V``)."""
+
+    def __init__(self, seed: int, weights: Sequence[float], virtual_readers: int, per_reader: int):
+        self.seed, self.weights = seed, list(weights)
+        self.readers, self.per_reader = virtual_readers, per_reader
+        self.step, self.samples = 0, np.zeros(len(self.weights), dtype=np.int64)
+
+    def at(self, step: int) -> np.ndarray:
+        """Samples per source in data steps ``0 .. step - 1`` (``step`` >= the last one asked)."""
+        if step < self.step:
+            self.step, self.samples = 0, np.zeros(len(self.weights), dtype=np.int64)
+        c = self.per_reader
+        for v in range(self.readers):
+            self.samples += source_counts(self.seed, self.weights, v, step * c, self.step * c)
+        self.step = step
+        return self.samples.copy()

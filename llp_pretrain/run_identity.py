@@ -11,6 +11,7 @@ Every refusal is a ``ValueError`` whose one-line message says what differs and w
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -29,12 +30,20 @@ RUNTIME_MODEL_FIELDS = ("checkpoint_activations",)
 
 
 def run_hashes(cfg, tokenizer_path: Optional[Path]) -> Dict[str, Optional[str]]:
-    """sha256 of the dataset's ``manifest.json``, of the tokenizer file found for it, and the tokenizer
+    """sha256 of the dataset's ``manifest.json`` (for ``data.sources``: of the sources' names, weights
+    and manifest hashes), of the tokenizer file found for it, and the tokenizer
     hash the manifest records (None where unknown)."""
     from data_prep.tokenizer import file_sha256
 
-    manifest_file = Path(cfg.data.path) / "manifest.json"
-    return {"manifest_sha256": file_sha256(manifest_file) if manifest_file.is_file() else None,
+    if cfg.data.sources:  # a mixture: its sources' names, weights and manifests (the order depends on all)
+        files = [Path(s.path) / "manifest.json" for s in cfg.data.sources]
+        listing = "".join(f"{s.name}\t{s.weight!r}\t{file_sha256(f) if f.is_file() else None}\n"
+                          for s, f in zip(cfg.data.sources, files))
+        manifest_sha = hashlib.sha256(listing.encode()).hexdigest()
+    else:
+        manifest_file = Path(cfg.data.path) / "manifest.json"
+        manifest_sha = file_sha256(manifest_file) if manifest_file.is_file() else None
+    return {"manifest_sha256": manifest_sha,
             "tokenizer_sha256": file_sha256(tokenizer_path) if tokenizer_path and Path(tokenizer_path).is_file()
             else None,
             "tokenizer_manifest_sha256": (cfg.manifest or {}).get("tokenizer", {}).get("sha256")}

@@ -62,7 +62,7 @@ def prepare_run_dir(cfg: RunConfig, d, overwrite: bool, resolved: Dict[str, Any]
     if d.rank != 0:
         return
     if tokenizer_path is None:
-        print(f"[llp-pretrain] warning: no tokenizer.model matching {cfg.data.path}/manifest.json found next to "
+        print(f"[llp-pretrain] warning: no tokenizer.model matching {cfg.data.first_path}/manifest.json found next to "
               f"the shards or where the manifest says; text samples are shown as ids and the run directory gets "
               f"no tokenizer (set data.tokenizer=PATH)", flush=True)
     dump_yaml(resolved, run_dir / "config.resolved.yaml")
