@@ -119,14 +119,24 @@ def _union(run_dir):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(600)
-def test_two_ranks_killed_and_resumed_log_what_the_uninterrupted_run_logs(tmp_path):
+@pytest.mark.parametrize("mixture", [False, True], ids=["path", "sources"])
+def test_two_ranks_killed_and_resumed_log_what_the_uninterrupted_run_logs(tmp_path, mixture):
+    from llp_pretrain.data import TrainSource
+
     ds = tmp_path / "ds"
     write_tiny_dataset(ds, seq_len=16, train_samples=[6, 5, 7, 4], val_samples=[4], vocab_size=48)
-    sections = dict(data={"num_workers": 1, "shuffle_buffer": 4, "log_consumed": True},
-                    train={"max_steps": 5, "micro_batch_size": 2, "save_interval": 2})
+    data = {"num_workers": 1, "shuffle_buffer": 4, "log_consumed": True}
+    sources = [TrainSource("", str(ds))]
+    if mixture:  # a weighted mixture of two datasets (same tokenizer and seq_len)
+        write_tiny_dataset(tmp_path / "code", seq_len=16, train_samples=[3, 4, 5, 3], val_samples=[5], vocab_size=48,
+                           seed=7)
+        sources = [TrainSource("web", str(ds), 0.6), TrainSource("code", str(tmp_path / "code"), 0.4)]
+        data.update(path=None, sources=[{"path": s.path, "weight": s.weight, "name": s.name} for s in sources])
+    sections = dict(data=data, train={"max_steps": 5, "micro_batch_size": 2, "save_interval": 2})
 
     def job(name, **extra):
-        return {"config": tiny_run_config(ds, tmp_path / name, **sections), **extra}
+        return {"config": tiny_run_config(ds, tmp_path / name, **sections), "result": str(tmp_path / f"res_{name}"),
+                **extra}
 
     # 1) pause after step 3 (checkpoint at 2; the lines of step 3 are written) and SIGKILL every process
     (tmp_path / "killed.json").write_text(json.dumps([job("run")]))
@@ -152,4 +162,28 @@ def test_two_ranks_killed_and_resumed_log_what_the_uninterrupted_run_logs(tmp_pa
         assert got == read_log(tmp_path / "straight" / "consumed" / name), r
         assert [x["step"] for x in got] == [1, 2, 3, 4, 5]
     # the union over ranks of each step is that step's global batch (4 samples), none twice
-    assert _union(tmp_path / "run") == _global_batches((str(ds),), 5, 4, seed=1234, buffer=4)
+    union = _union(tmp_path / "run")
+    assert union == _global_batches((sources if mixture else str(ds),), 5, 4, seed=1234, buffer=4)
+    res = [json.loads((tmp_path / f"res_{n}.rank0.json").read_text()) for n in ("run", "straight")]
+    assert res[0]["loss"] == res[1]["loss"] and res[0]["val"] == res[1]["val"]
+    if mixture:
+        keys = [k for v in union.values() for k in v]
+        assert {k.split("/")[0] for k in keys} == {"web", "code"}
+        val = res[0]["val"]
+        assert set(val["sources"]) == {"web", "code"}
+        assert val["tokens"] == sum(v["tokens"] for v in val["sources"].values())
+        total = sum(v["loss"] * v["tokens"] for v in val["sources"].values()) / val["tokens"]
+        assert abs(val["loss"] - total) < 1e-9 and val["sources"]["web"]["bits_per_byte"] > 0
+        for run in ("run", "straight"):
+            for name in ("web", "code"):
+                tokens = _scalars(tmp_path / run, f"train/tokens/{name}")
+                assert tokens[-1] == (5, 16 * sum(k.startswith(name + "/") for k in keys)), (run, name)
+            assert _scalars(tmp_path / run, "val/code/loss")[-1][0] == 5
+
+
+def _scalars(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    return [(e.step, e.value) for e in ea.Scalars(tag)]

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from llp_pretrain.config import RunConfig
+from llp_pretrain.config import RunConfig, read_manifest
 from llp_pretrain.data import DataLayoutError, read_split_stream
 from llp_pretrain.evaluate import bytes_per_token, score_windows, summarize, window_plan
 
@@ -24,46 +24,60 @@ __all__ = ["Evaluator", "sample_text", "gather_context", "log_val"]
 class Evaluator:
     """Validation loss, perplexity and bits per byte of the model being trained (collective).
 
-    The windows are planned once (``data.val_samples`` of them, split over the data-parallel ranks);
-    when the data has no usable validation split, a warning is printed once and :meth:`run` returns
-    None on every rank."""
+    The windows are planned once per source (``data.path``, or each of ``data.sources``):
+    ``data.val_samples`` of them, split over the data-parallel ranks. A source without a usable
+    validation split gets a warning, printed once, and is left out; with none left :meth:`run`
+    returns None on every rank."""
 
     def __init__(self, cfg: RunConfig, d, engine, console: Callable[[str], None]):
         self.cfg, self.d, self.engine, self.console = cfg, d, engine, console
-        self._cache: Dict[str, Any] = {}
+        self.sources = ([(s.name, s.path, None) for s in cfg.data.sources] if cfg.data.sources
+                        else [("", cfg.data.path, cfg.manifest)])
+        self._plans: Optional[list] = None
 
-    def _plan(self) -> bool:
+    def _plan(self, name: str, path: str, manifest: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
         cfg, d = self.cfg, self.d
         seq_len = cfg.model.seq_len
         trained = self.engine.module.trained_positions(seq_len)
         tlen = trained.stop - trained.start
         try:
-            stream_np = read_split_stream(cfg.data.path, "val", cfg.manifest, max_samples=cfg.data.val_samples + 1,
+            manifest = manifest or read_manifest(path)
+            stream_np = read_split_stream(path, "val", manifest, max_samples=cfg.data.val_samples + 1,
                                           verify_checksums=cfg.data.verify_checksums)
             plan = window_plan(len(stream_np), seq_len, tlen, tlen)[: cfg.data.val_samples]
         except (DataLayoutError, ValueError) as e:  # same data on every rank: all skip together
-            self.console(f"[llp-pretrain] warning: no validation during training ({e})")
-            self._cache["unavailable"] = True
-            return False
-        self._cache.update(stream=torch.from_numpy(stream_np), plan=plan[d.dp_rank::d.dp_size], tlen=tlen,
-                           n_batches=math.ceil(math.ceil(len(plan) / d.dp_size) / cfg.train.micro_batch_size))
-        return True
-
-    def run(self) -> Optional[Dict[str, float]]:
-        """``{"loss", "ppl", "bits_per_byte", "tokens", ...}`` over all ranks, or None (no val split)."""
-        if self._cache.get("unavailable") or ("plan" not in self._cache and not self._plan()):
+            what = f"source {name!r}" if name else "training"
+            self.console(f"[llp-pretrain] warning: no validation during {what} ({e})")
             return None
-        c, d, engine = self._cache, self.d, self.engine
+        return dict(name=name, stream=torch.from_numpy(stream_np), plan=plan[d.dp_rank::d.dp_size], tlen=tlen,
+                    bpt=bytes_per_token(manifest, "val"),
+                    n_batches=math.ceil(math.ceil(len(plan) / d.dp_size) / cfg.train.micro_batch_size))
+
+    def run(self) -> Optional[Dict[str, Any]]:
+        """``{"loss", "ppl", "bits_per_byte", "tokens"}`` over all ranks (and all sources: their
+        summed NLL over their summed tokens), plus ``"sources": {name: {...}}`` for ``data.sources``;
+        None when no source has a validation split."""
+        if self._plans is None:
+            self._plans = [p for p in (self._plan(*src) for src in self.sources) if p is not None]
+        if not self._plans:
+            return None
+        d, engine = self.d, self.engine
         engine.eval()
         try:
-            nll, n = score_windows(lambda x: engine(x), c["stream"], c["plan"], self.cfg.model.seq_len, c["tlen"],
-                                   self.cfg.train.micro_batch_size, d.device, pad_to=c["n_batches"])
+            sums = [x for c in self._plans for x in score_windows(
+                lambda x: engine(x), c["stream"], c["plan"], self.cfg.model.seq_len, c["tlen"],
+                self.cfg.train.micro_batch_size, d.device, pad_to=c["n_batches"])]
         finally:
             engine.train()
-        nll_all, n_all = all_reduce([nll, n], device=d.reduce_device)
+        sums = all_reduce(sums, device=d.reduce_device)
         # sequence-parallel peers scored the same windows: divide the double count
-        res = summarize(nll_all / d.sp_size, int(n_all / d.sp_size), bytes_per_token(self.cfg.manifest, "val"))
-        return res.to_dict()
+        parts = [(sums[2 * i] / d.sp_size, int(sums[2 * i + 1] / d.sp_size), c["bpt"]) for i, c in enumerate(self._plans)]
+        nll, n = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        bpt = sum(p[1] * p[2] for p in parts) / max(n, 1) if all(p[2] for p in parts) else None
+        res = summarize(nll, n, bpt).to_dict()
+        if self.cfg.data.sources:
+            res["sources"] = {c["name"]: summarize(*p).to_dict() for c, p in zip(self._plans, parts)}
+        return res
 
 
 def gather_context(engine, stage: int):
@@ -96,14 +110,17 @@ def sample_text(engine, cfg: RunConfig, tokenizer_path: Optional[str], stage: in
     return sp_model.decode(ids) if sp_model else " ".join(map(str, ids))
 
 
-def log_val(monitor, step: int, val: Optional[Dict[str, float]], sample: Optional[str]) -> None:
-    """Write the validation scalars (and the sample text) at ``step`` to TensorBoard and the console."""
+def log_val(monitor, step: int, val: Optional[Dict[str, Any]], sample: Optional[str]) -> None:
+    """Write the validation scalars (``val/loss`` ...; ``val/<source>/loss`` ... for ``data.sources``)
+    and the sample text at ``step`` to TensorBoard and the console."""
     if val is None:
         return
-    monitor.scalars(step, {"val/loss": val["loss"], "val/ppl": val["ppl"], "val/bits_per_byte": val["bits_per_byte"]})
-    bpb = val["bits_per_byte"] if val["bits_per_byte"] is not None else float("nan")
-    monitor.console(f"eval  {step:>7d} | val loss {val['loss']:.4f} | ppl {val['ppl']:.2f} | bpb {bpb:.4f} | "
-                    f"{val['tokens']} tokens")
+    for prefix, v in [("val", val), *((f"val/{name}", r) for name, r in val.get("sources", {}).items())]:
+        monitor.scalars(step, {f"{prefix}/loss": v["loss"], f"{prefix}/ppl": v["ppl"],
+                               f"{prefix}/bits_per_byte": v["bits_per_byte"]})
+        bpb = v["bits_per_byte"] if v["bits_per_byte"] is not None else float("nan")
+        monitor.console(f"eval  {step:>7d} | {prefix} loss {v['loss']:.4f} | ppl {v['ppl']:.2f} | bpb {bpb:.4f} | "
+                        f"{v['tokens']} tokens")
     if sample is not None:
         monitor.text("samples/generated", sample, step)
         monitor.console(f"sample {step:>6d} | {sample!r}")

@@ -15,6 +15,7 @@ import torch
 
 from llp_pretrain.config import RunConfig, resolve_tokenizer, resolved_precision
 from llp_pretrain.data import TrainStream, make_train_loader, train_sources
+from llp_pretrain.data_order import SourceTally
 from llp_pretrain.monitor import Monitor
 from llp_pretrain.run_identity import run_hashes
 
@@ -69,7 +70,7 @@ class Trainer:
         self.callbacks = [*_callbacks.registered(), *callbacks]
         self.step, self.skipped_total = self.start.step(), int((self.start.meta or {}).get("skipped_steps", 0))
         self.stopped_by, self.val = "max_steps", None
-        self.engine = self.loader = self.monitor = self.stop = self.consumed = None
+        self.engine = self.loader = self.monitor = self.stop = self.consumed = self.tally = None
         if self.start.already_done(t.max_steps):
             return
         try:
@@ -109,6 +110,8 @@ class Trainer:
         # measured before the loader's workers start, so they do not compete with the measurement
         peak = resolve_peak(t.peak_flops, d, torch.bfloat16 if bf16_gpu else torch.float32)
         self.loader = iter(make_train_loader(stream))
+        self.tally = SourceTally(t.seed, stream.weights, stream.virtual_readers, stream.per_reader) \
+            if cfg.data.sources and d.rank == 0 else None
         return peak
 
     def _open_monitor(self, built: Built, peak: Peak) -> Monitor:
@@ -155,6 +158,7 @@ class Trainer:
                 if self.metrics.due(self.step):
                     gn = out.grad_norm if self.stage == 0 else self.engine.get_global_grad_norm()
                     self.metrics.log(self.step, out, gn, self.skipped_total)
+                    self._log_source_tokens()
                 # periodic evaluation, unless the final one is only a few steps away
                 if t.eval_interval and self.step % t.eval_interval == 0 and \
                         self.step <= t.max_steps - max(1, t.eval_interval // 4):
@@ -177,6 +181,16 @@ class Trainer:
         finally:
             self.close()
         return self.result(loss=self.metrics.last_loss)
+
+    def _log_source_tokens(self) -> None:
+        """``train/tokens/<source>``: tokens trained on from each of ``data.sources`` since the data
+        position 0 (all ranks; a function of the step, ``data_order.SourceTally``). Rank 0 only."""
+        if self.tally is None:
+            return
+        samples = self.tally.at(self.step - self.start.data_start)
+        names = [s.name for s in self.cfg.data.sources]
+        self.monitor.scalars(self.step, {f"train/tokens/{n}": int(k) * self.cfg.model.seq_len
+                                         for n, k in zip(names, samples)})
 
     def _count_nonfinite(self, out: StepOutcome, run: int) -> int:
         """Count a skipped step; raise ``FloatingPointError`` after ``train.max_nonfinite_steps`` in a row."""
