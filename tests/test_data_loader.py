@@ -103,3 +103,24 @@ def test_val_stream_reassembles_in_order(ds):
     expected = synthetic_stream(7 * SEQ + 1, 40, seed=1)  # write_tiny_dataset: val uses seed + 1
     assert np.array_equal(stream, expected)
     assert [s.name for s in list_shards(str(ds), "val")] == ["val-000000.tar", "val-000001.tar"]
+
+
+def test_launcher_preflight_refuses_a_layout_the_readers_cannot_serve(tmp_path):
+    """The same check in the launchers' pre-flight (``launch_utils layout``), before any process starts."""
+    import subprocess
+    import sys
+
+    from launch_fixtures import REPO, write_tiny_run
+
+    cfg = write_tiny_run(tmp_path, num_shards=2)  # global batch 4, 2 shards: 2 virtual readers
+
+    def layout(nproc):
+        return subprocess.run([sys.executable, "-m", "llp_pretrain.launch_utils", "layout", "--config", str(cfg),
+                               "--nnodes", "1", "--nproc-per-node", str(nproc), "--", "--set",
+                               "train.micro_batch_size=1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    p = layout(4)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "data_parallel_size=4 does not divide the 2 virtual data readers" in p.stderr
+    assert "use a data_parallel_size in [1, 2]" in p.stderr
+    assert layout(2).returncode == 0
