@@ -91,7 +91,7 @@ class DataConfig(_Strict):
     tokenizer: Optional[str] = Field(
         None, description="SentencePiece tokenizer.model; default: DIR/tokenizer.model next to or above the shards")
     num_workers: int = Field(1, ge=0, description="dataloader worker processes per rank (0 = in-process)")
-    shuffle_buffer: int = Field(1000, ge=1, description="samples held in each virtual reader's shuffle buffer")
+    shuffle_buffer: int = Field(1000, ge=1, description="samples held in shuffle buffers, split over the virtual readers")
     virtual_readers: Optional[int] = Field(
         None, ge=1, description="readers of the global sample order; default: the largest divisor of "
         "global_batch_size <= min(64, train shards); data_parallel_size must divide it (docs/training.md)")

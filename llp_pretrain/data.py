@@ -9,7 +9,8 @@ optimizer step are a function of the dataset(s), ``train.seed``, ``data.shuffle_
   belongs to reader ``i % V``. A reader streams its shards for ever, epoch after epoch (so every rank
   runs the same number of steps however uneven the shards are): in epoch ``e`` it visits them in an
   order shuffled by ``rng(seed, source, e, reader)`` and passes the samples through
-  ``webdataset.shuffle`` with a buffer seeded from the same tuple. For a mixture
+  ``webdataset.shuffle`` with a buffer of ``ceil(shuffle_buffer / V)`` samples seeded from the same
+  tuple (so a process holds about ``shuffle_buffer / dp`` samples in buffers, whatever ``V``). For a mixture
   (``data.sources``), each reader has one such stream per source and draws the source of its
   ``k``-th sample from ``data_order.source_choices``.
 * Step ``s`` takes ``global_batch_size / V`` consecutive samples from every reader. Data-parallel
@@ -20,8 +21,9 @@ optimizer step are a function of the dataset(s), ``train.seed``, ``data.shuffle_
 * Resume at data position ``s``: every reader skips ``s * global_batch_size / V`` samples (per
   source: whole epochs by arithmetic from the manifest's counts, the rest by reading them).
 
-Samples are ``tokens.npy`` arrays of ``seq_len + 1`` ids (``docs/internals.md``); batches are
-``{"tokens": LongTensor (B, seq_len + 1), "keys": list of "shard/key" strings, "skipped": int}``.
+Samples are ``tokens.npy`` arrays of ``seq_len + 1`` ids (``docs/internals.md``); micro-batches are
+``{"tokens": LongTensor (B, seq_len + 1), "keys": list of "shard/key" strings, "skipped": int,
+"step": int}`` (keys ``name/shard/key`` for ``data.sources``).
 
 Shard bytes are not trusted. Every loader reads shards through :func:`read_shard`, which checks every
 sample with :func:`check_sample` (``tokens.npy`` decodes to ``dtype[seq_len + 1]`` of the manifest,
@@ -278,7 +280,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         global_batch_size, micro_batch_size: samples per optimizer step (all ranks) / per micro-batch.
         dp_size, dp_rank: data-parallel layout (``dp_rank = rank // sequence_parallel_size``).
         num_workers: DataLoader workers (0 = in-process); any number gives the same batches.
-        seed, shuffle_buffer: ``train.seed`` and the samples in each reader's shuffle buffer.
+        seed, shuffle_buffer: ``train.seed`` and the samples held in shuffle buffers over all virtual
+            readers (each reader's buffer holds ``ceil(shuffle_buffer / V)``).
         start_step: data position (optimizer steps already read from this data; resume).
         virtual_readers: ``data.virtual_readers`` (None: derived, ``data_order.resolve_virtual_readers``).
         verify_checksums, on_corrupt: ``data.verify_checksums`` / ``data.on_corrupt`` (:func:`read_shard`).
@@ -317,6 +320,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             raise DataLayoutError(problem)
         self.virtual_readers = resolve_virtual_readers(global_batch_size, counts, virtual_readers)
         self.per_reader = global_batch_size // self.virtual_readers  # samples per reader per step
+        self.reader_buffer = -(-shuffle_buffer // self.virtual_readers)
         if (global_batch_size // dp_size) % micro_batch_size:
             raise DataLayoutError(f"global_batch_size {global_batch_size} / data_parallel_size {dp_size} is not a "
                                   f"multiple of micro_batch_size {micro_batch_size}")
@@ -343,7 +347,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         rng = random.Random(derive_seed(self.seed, source, epoch, reader, "buffer"))
         spec, first = self.specs[source], self.first_index[source]
         checked = (x for s in shards for x in read_shard(s, spec, self.on_corrupt, first[s.name], self.skipped))
-        return iter(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(checked))
+        return iter(wds.shuffle(self.reader_buffer, initial=self.reader_buffer, rng=rng)(checked))
 
     def source_samples(self, source: int, reader: int, skip: int = 0) -> Iterator[Tuple[str, np.ndarray]]:
         """Endless validated stream of ``reader``'s shards of ``source``, after ``skip`` samples.

@@ -25,7 +25,7 @@ def _keys(batches):
     return [k for b in batches for k in b["keys"]]
 
 
-def _steps(ds, dp, workers, start=0, n=7, gbs=8, mb=1, seed=3, buffer=4, readers=None):
+def _steps(ds, dp, workers, start=0, n=7, gbs=8, mb=1, seed=3, buffer=32, readers=None):
     """``{step: sorted keys of the global batch}`` over all ``dp`` ranks, and each rank's micro-batches."""
     out, per_rank = collections.defaultdict(list), []
     for rank in range(dp):
@@ -86,6 +86,7 @@ def test_order_depends_on_seed_buffer_and_readers(ds):
     assert _steps(ds, 1, 0, n=3)[0] == ref
     assert _steps(ds, 1, 0, n=3, seed=4)[0] != ref
     assert _steps(ds, 1, 0, n=3, readers=4)[0] != ref
+    assert _steps(ds, 1, 0, n=3, buffer=8)[0] != ref          # 1 sample per reader's buffer instead of 4
     # ranks read disjoint samples within an epoch
     _, (r0, r1) = _steps(ds, 2, 0, n=2)
     assert not set(_keys(r0)) & set(_keys(r1))

@@ -28,7 +28,7 @@ def _sources(mix, w=(0.7, 0.3)):
 def _steps(sources, dp, workers, start=0, n=5, gbs=8, seed=3):
     out = collections.defaultdict(list)
     for rank in range(dp):
-        s = TrainStream(sources, gbs, 1, dp, rank, workers, seed=seed, shuffle_buffer=4, start_step=start)
+        s = TrainStream(sources, gbs, 1, dp, rank, workers, seed=seed, shuffle_buffer=16, start_step=start)
         for b in itertools.islice(make_train_loader(s), n * gbs // dp):
             out[b["step"]] += b["keys"]
     return {k: sorted(v) for k, v in out.items()}
