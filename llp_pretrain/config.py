@@ -96,6 +96,12 @@ class DataConfig(_Strict):
         None, ge=1, description="readers of the global sample order; default: the largest divisor of "
         "global_batch_size <= min(64, train shards); data_parallel_size must divide it (docs/training.md)")
     log_consumed: bool = Field(False, description="append each step's sample keys to RUN/consumed/rank{R:05d}.jsonl")
+    val_samples: int = Field(64, ge=1, description="validation windows scored at each evaluation during training")
+    verify_checksums: bool = Field(
+        True, description="check each sample's tokens against the blake2b checksum llp-prep stored in its json")
+    on_corrupt: Literal["fail", "skip"] = Field(
+        "fail", description="a sample or shard that fails validation: fail = stop the run naming it; "
+                            "skip = log it, count it and go on without it (docs/training.md)")
 
     @model_validator(mode="after")
     def _path_or_sources(self):
@@ -111,12 +117,6 @@ class DataConfig(_Strict):
     def first_path(self) -> str:
         """``path``, or the first source's path (its manifest stands for all: same tokenizer and seq_len)."""
         return self.path if self.path is not None else self.sources[0].path
-    val_samples: int = Field(64, ge=1, description="validation windows scored at each evaluation during training")
-    verify_checksums: bool = Field(
-        True, description="check each sample's tokens against the blake2b checksum llp-prep stored in its json")
-    on_corrupt: Literal["fail", "skip"] = Field(
-        "fail", description="a sample or shard that fails validation: fail = stop the run naming it; "
-                            "skip = log it, count it and go on without it (docs/training.md)")
 
 
 class TrainConfig(_Strict):
