@@ -520,7 +520,8 @@ def check_resume_world_size(cfg, train_args: Sequence[str], world_size: int) -> 
     if meta is None:
         return
     try:
-        check_resume_world(meta, world_size, cfg.parallel.sequence_parallel_size, str(where[0] / where[1]))
+        check_resume_world(meta, world_size, cfg.parallel.sequence_parallel_size, str(where[0] / where[1]),
+                           cfg.train.global_batch_size)
     except ValueError as exc:
         raise LaunchError(f"{exc}\n(checked for world_size={world_size} before starting training)") from None
 
