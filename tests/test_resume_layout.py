@@ -1,0 +1,216 @@
+"""Resume on another number of processes (issue 13, checkpoint side): real torchrun jobs on CPU/gloo.
+
+One module fixture runs every training (4 process launches in all):
+
+* job A, ``torchrun --nproc-per-node 2`` (dp 2): ZeRO-1, ZeRO-3 and ZeRO-0 (fp32) runs of 8 planned
+  steps stopped (checkpoint-and-stop) after step 4; a ZeRO-2 run stopped after step 4 and resumed at
+  once as dp 1 x sp 2 (same world size: loads without conversion; scenario 3).
+* a conversion of the ZeRO-1 checkpoint SIGKILLed halfway (fault injected at DeepSpeed's 6th
+  ``torch.save``), leaving its ``.partial`` directory behind.
+* job B, one process (world 1): the uninterrupted reference, the ZeRO-1 / ZeRO-3 / ZeRO-0 runs
+  resumed on world 1 (scenario 1; ZeRO-3 with a layout change; the killed conversion redone), a
+  resume with another global batch size (refused), and a world-1 run stopped after step 4.
+* job C, ``torchrun --nproc-per-node 4``: that world-1 run resumed as dp 2 x sp 2 (scenario 2).
+
+Asserted: every layout change continues the step counter and logs the uninterrupted run's LR at
+every step (TensorBoard ``train/lr``); the fp32 master weights, Adam ``exp_avg``/``exp_avg_sq`` and
+Adam step counts read with DeepSpeed's public ``safe_get_full_*`` right after the load on the new
+layout equal (bit for bit) those right before the save on the old one. The sample order on a new
+dp size belongs to the data loader and is not asserted here.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_runs import tiny_run_config, write_tiny_dataset
+from llp_pretrain.training.distributed import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+HARNESS = str(REPO / "tests" / "train_many.py")
+
+pytestmark = [pytest.mark.distributed]
+
+STEPS = 8
+TAG = "step00000004"
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _run(cmd, timeout):
+    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise AssertionError(f"{cmd} exited {p.returncode}\nstdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-6000:]}")
+    return p.stdout + p.stderr
+
+
+def _job(w, name, stage, mb, ga, sp=1, **extra):
+    cfg = tiny_run_config(w / "ds", w / name, deepspeed=f"configs/deepspeed/zero{stage}.json",
+                          model={"dropout": 0.1}, parallel={"sequence_parallel_size": sp},
+                          train={"max_steps": STEPS, "micro_batch_size": mb, "grad_accum_steps": ga})
+    return {"config": cfg, "result": str(w / f"res_{name}"), **extra}
+
+
+def _stopped(w, name, stage, mb, ga, sp=1):
+    """Planned for 8 steps, checkpoint-and-stop after step 4, states dumped there."""
+    return _job(w, name, stage, mb, ga, sp, stop_after=4, dump_step=4, dump_path=str(w / f"{name}.saved.safetensors"))
+
+
+def _resumed(w, name, stage, mb, ga, sp=1, tag="resumed"):
+    return _job(w, name, stage, mb, ga, sp, resume="auto", dump_start=str(w / f"{name}.{tag}.safetensors"))
+
+
+def _torchrun(n, spec, timeout):
+    return _run([TORCHRUN, "--nproc-per-node", str(n), "--master-addr", "127.0.0.1", "--master-port",
+                 str(free_port()), HARNESS, "train-many", str(spec)], timeout)
+
+
+KILLER = """
+import os, signal, sys, torch
+from llp_pretrain.training.universal import convert_to_universal
+real, n = torch.save, [0]
+def save(*a, **k):  # SIGKILL this process at DeepSpeed's 6th file write: a conversion killed halfway
+    n[0] += 1
+    if n[0] == 6:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*a, **k)
+torch.save = save
+convert_to_universal(sys.argv[1])
+"""
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    w = tmp_path_factory.mktemp("layout")
+    write_tiny_dataset(w / "ds", seq_len=16, train_samples=[12, 12], val_samples=[4], vocab_size=48)
+    logs = {}
+    a = [_stopped(w, "z1", 1, 2, 1), _stopped(w, "z3", 3, 2, 1), _stopped(w, "z0", 0, 2, 1),
+         _stopped(w, "sp", 2, 2, 1), _resumed(w, "sp", 2, 2, 2, sp=2)]
+    (w / "a.json").write_text(json.dumps(a))
+    logs["a"] = _torchrun(2, w / "a.json", 900)
+
+    killed = subprocess.run([PY, "-c", KILLER, str(w / "z1" / "checkpoints" / TAG)], cwd=REPO, env=_env(),
+                            capture_output=True, text=True, timeout=300)
+    logs["killed"] = (killed.returncode, sorted(p.name for p in (w / "z1" / "checkpoints").iterdir()))
+
+    b = [_job(w, "ref", 1, 2, 2),
+         _resumed(w, "z1", 1, 2, 2), _resumed(w, "z3", 3, 2, 2),
+         {**_resumed(w, "z0", 0, 2, 1), "expect_error": True, "result": str(w / "res_gbs")},
+         _resumed(w, "z0", 0, 4, 1),
+         _stopped(w, "w1", 1, 2, 2)]
+    (w / "b.json").write_text(json.dumps(b))
+    logs["b"] = _run([PY, HARNESS, "train-many", str(w / "b.json")], 900)
+
+    (w / "c.json").write_text(json.dumps([_resumed(w, "w1", 1, 2, 1, sp=2)]))
+    logs["c"] = _torchrun(4, w / "c.json", 900)
+    return w, logs
+
+
+def _scalars(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    return {e.step: e.value for e in ea.Scalars(tag)}
+
+
+def _states(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _assert_same_states(saved_path, loaded_path):
+    saved, loaded = _states(saved_path), _states(loaded_path)
+    assert sorted(saved) == sorted(loaded)
+    assert len([k for k in saved if k.endswith("/exp_avg_sq")]) > 10  # every parameter, every Adam state
+    for k in saved:
+        assert saved[k].shape == loaded[k].shape and torch.equal(saved[k], loaded[k]), k
+    assert saved["adam_steps"].tolist() == [4.0]
+    assert saved["global_steps"].tolist() == [4, 4]
+
+
+@pytest.mark.timeout(2400)
+@pytest.mark.parametrize("name", ["z1", "z3", "z0", "sp", "w1"])
+def test_layout_change_continues_steps_lr_and_exact_states(runs, name):
+    """z1/z3: dp 2 -> world 1 (ZeRO-1/3, universal conversion); z0: ZeRO-0 fp32 dp 2 -> 1 (loaded
+    as it is); sp: dp 2 x sp 1 -> dp 1 x sp 2 (ZeRO-2, same world: loaded as it is); w1: world 1 ->
+    dp 2 x sp 2 (ZeRO-1, universal conversion)."""
+    w, _ = runs
+    _assert_same_states(w / f"{name}.saved.safetensors", w / f"{name}.resumed.safetensors")
+    ref, got = _scalars(w / "ref", "train/lr"), _scalars(w / name, "train/lr")
+    assert sorted(got) == list(range(1, STEPS + 1)) == sorted(ref)
+    assert got == ref  # the LR of every step, before and after the layout change
+    res = json.loads((w / f"res_{name}.rank0.json").read_text())
+    assert (res["step"], res["stopped_by"]) == (STEPS, "max_steps")
+    converted = (w / name / "checkpoints" / f"{TAG}.universal").is_dir()
+    assert converted == (name in ("z1", "z3", "w1"))  # only another world size under ZeRO 1-3 converts
+
+
+@pytest.mark.timeout(2400)
+def test_conversion_killed_halfway_is_redone_not_used(runs):
+    w, logs = runs
+    rc, names = logs["killed"]
+    assert rc == -9, rc
+    assert f".{TAG}.universal.partial" in names and f"{TAG}.universal" not in names
+    ckpt = w / "z1" / "checkpoints"
+    assert f"converted to {ckpt / (TAG + '.universal')}" in logs["b"]  # converted again, not reused
+    assert not (ckpt / f".{TAG}.universal.partial").exists()
+    assert json.loads((ckpt / f"{TAG}.universal" / "converted.json").read_text())["source"] == TAG
+
+
+@pytest.mark.timeout(2400)
+def test_converted_copy_is_reused_and_the_original_untouched(runs):
+    from llp_pretrain.training.universal import convert_to_universal
+
+    w, _ = runs
+    tag_dir = w / "w1" / "checkpoints" / TAG
+    marker = w / "w1" / "checkpoints" / f"{TAG}.universal" / "converted.json"
+    before = marker.stat().st_mtime_ns
+    original = {p.name: p.stat().st_mtime_ns for p in tag_dir.iterdir()}
+    out, converted = convert_to_universal(tag_dir)
+    assert (out, converted) == (marker.parent, False)
+    assert marker.stat().st_mtime_ns == before
+    assert {p.name: p.stat().st_mtime_ns for p in tag_dir.iterdir()} == original
+
+
+@pytest.mark.timeout(2400)
+def test_global_batch_size_change_is_refused_up_front(runs):
+    w, _ = runs
+    res = json.loads((w / "res_gbs.rank0.json").read_text())
+    assert res["type"] == "ValueError"
+    assert "global_batch_size=4" in res["error"] and "this run has 2" in res["error"]
+    assert "--set train.global_batch_size=4" in res["error"]
+
+
+@pytest.mark.timeout(2400)
+def test_planted_pickle_in_a_converted_copy_is_refused(runs):
+    from llp_pretrain.checkpoint import UntrustedCheckpointError, check_loadable
+
+    w, _ = runs
+    copy = w / "z3" / "checkpoints" / f"{TAG}.universal" / TAG
+    check_loadable(copy, recursive=True)  # DeepSpeed's own files pass
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    bad = copy / "zero" / "planted" / "fp32.pt"
+    bad.parent.mkdir()
+    torch.save({"param": Evil()}, bad)
+    try:
+        with pytest.raises(UntrustedCheckpointError, match="planted/fp32.pt.*could run code"):
+            check_loadable(copy, recursive=True)
+    finally:
+        bad.unlink()
+        bad.parent.rmdir()
