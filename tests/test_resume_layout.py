@@ -2,13 +2,13 @@
 
 One module fixture runs every training (4 process launches in all):
 
-* job A, ``torchrun --nproc-per-node 2`` (dp 2): ZeRO-1, ZeRO-3 and ZeRO-0 (fp32) runs of 8 planned
+* job A, ``torchrun --nproc-per-node 2`` (dp 2): ZeRO-1, ZeRO-3 and ZeRO-0 (fp32, bf16) runs of 8 planned
   steps stopped (checkpoint-and-stop) after step 4; a ZeRO-2 run stopped after step 4 and resumed at
   once as dp 1 x sp 2 (same world size: loads without conversion; scenario 3).
 * a conversion of the ZeRO-1 checkpoint SIGKILLed halfway (fault injected at DeepSpeed's 6th
   ``torch.save``), leaving its ``.partial`` directory behind.
 * job B, one process (world 1): the uninterrupted reference, the ZeRO-1 / ZeRO-3 / ZeRO-0 runs
-  resumed on world 1 (scenario 1; ZeRO-3 with a layout change; the killed conversion redone), a
+  (and ZeRO-0 bf16) resumed on world 1 (scenario 1; ZeRO-3 with a layout change; the killed conversion redone), a
   resume with another global batch size (refused), and a world-1 run stopped after step 4.
 * job C, ``torchrun --nproc-per-node 4``: that world-1 run resumed as dp 2 x sp 2 (scenario 2).
 
@@ -57,7 +57,8 @@ def _run(cmd, timeout):
 def _job(w, name, stage, mb, ga, sp=1, **extra):
     cfg = tiny_run_config(w / "ds", w / name, deepspeed=f"configs/deepspeed/zero{stage}.json",
                           model={"dropout": 0.1}, parallel={"sequence_parallel_size": sp},
-                          train={"max_steps": STEPS, "micro_batch_size": mb, "grad_accum_steps": ga})
+                          train={"max_steps": STEPS, "micro_batch_size": mb, "grad_accum_steps": ga,
+                                 "precision": "bf16" if name.endswith("b") else "fp32"})
     return {"config": cfg, "result": str(w / f"res_{name}"), **extra}
 
 
@@ -94,7 +95,7 @@ def runs(tmp_path_factory):
     w = tmp_path_factory.mktemp("layout")
     write_tiny_dataset(w / "ds", seq_len=16, train_samples=[12, 12], val_samples=[4], vocab_size=48)
     logs = {}
-    a = [_stopped(w, "z1", 1, 2, 1), _stopped(w, "z3", 3, 2, 1), _stopped(w, "z0", 0, 2, 1),
+    a = [_stopped(w, "z1", 1, 2, 1), _stopped(w, "z3", 3, 2, 1), _stopped(w, "z0", 0, 2, 1), _stopped(w, "z0b", 0, 2, 1),
          _stopped(w, "sp", 2, 2, 1), _resumed(w, "sp", 2, 2, 2, sp=2)]
     (w / "a.json").write_text(json.dumps(a))
     logs["a"] = _torchrun(2, w / "a.json", 900)
@@ -106,7 +107,7 @@ def runs(tmp_path_factory):
     b = [_job(w, "ref", 1, 2, 2),
          _resumed(w, "z1", 1, 2, 2), _resumed(w, "z3", 3, 2, 2),
          {**_resumed(w, "z0", 0, 2, 1), "expect_error": True, "result": str(w / "res_gbs")},
-         _resumed(w, "z0", 0, 4, 1),
+         _resumed(w, "z0", 0, 4, 1), _resumed(w, "z0b", 0, 4, 1),
          _stopped(w, "w1", 1, 2, 2)]
     (w / "b.json").write_text(json.dumps(b))
     logs["b"] = _run([PY, HARNESS, "train-many", str(w / "b.json")], 900)
@@ -130,25 +131,26 @@ def _states(path):
     return load_file(str(path))
 
 
-def _assert_same_states(saved_path, loaded_path):
+def _assert_same_states(saved_path, loaded_path, adam_step=4):
     saved, loaded = _states(saved_path), _states(loaded_path)
     assert sorted(saved) == sorted(loaded)
     assert len([k for k in saved if k.endswith("/exp_avg_sq")]) > 10  # every parameter, every Adam state
     for k in saved:
         assert saved[k].shape == loaded[k].shape and torch.equal(saved[k], loaded[k]), k
-    assert saved["adam_steps"].tolist() == [4.0]
+    assert saved["adam_steps"].tolist() == [float(adam_step)]  # one count for all partitions, restored
     assert saved["global_steps"].tolist() == [4, 4]
 
 
 @pytest.mark.timeout(2400)
-@pytest.mark.parametrize("name", ["z1", "z3", "z0", "sp", "w1"])
+@pytest.mark.parametrize("name", ["z1", "z3", "z0", "z0b", "sp", "w1"])
 def test_layout_change_continues_steps_lr_and_exact_states(runs, name):
-    """z1/z3: dp 2 -> world 1 (ZeRO-1/3, universal conversion); z0: ZeRO-0 fp32 dp 2 -> 1 (loaded
-    as it is); sp: dp 2 x sp 1 -> dp 1 x sp 2 (ZeRO-2, same world: loaded as it is); w1: world 1 ->
+    """z1/z3: dp 2 -> world 1 (ZeRO-1/3, universal conversion); z0/z0b: ZeRO-0 fp32/bf16 dp 2 -> 1
+    (the whole optimizer state is in one file: loaded as it is); sp: dp 2 x sp 1 -> dp 1 x sp 2 (ZeRO-2, same world: loaded as it is); w1: world 1 ->
     dp 2 x sp 2 (ZeRO-1, universal conversion)."""
     w, _ = runs
-    _assert_same_states(w / f"{name}.saved.safetensors", w / f"{name}.resumed.safetensors")
-    ref, got = _scalars(w / "ref", "train/lr"), _scalars(w / name, "train/lr")
+    # DeepSpeed's ZeRO-0 bf16 wrapper primes AdamW with one zero-gradient step at start-up: 4 + 1
+    _assert_same_states(w / f"{name}.saved.safetensors", w / f"{name}.resumed.safetensors", 5 if name == "z0b" else 4)
+    ref, got = _scalars(w / "ref", "train/lr"), _scalars(w / name, "train/lr")  # same schedule in bf16
     assert sorted(got) == list(range(1, STEPS + 1)) == sorted(ref)
     assert got == ref  # the LR of every step, before and after the layout change
     res = json.loads((w / f"res_{name}.rank0.json").read_text())
@@ -214,3 +216,20 @@ def test_planted_pickle_in_a_converted_copy_is_refused(runs):
     finally:
         bad.unlink()
         bad.parent.rmdir()
+
+
+def test_which_checkpoints_need_conversion(tmp_path):
+    """Seconds: the decision alone. ZeRO 1-3 on another world size convert; the same world size and
+    ZeRO-0 (one optimizer file) load as they are; a ZeRO-0 tag with per-rank optimizer files
+    (DeepSpeed's BF16_Optimizer) is refused with the way out."""
+    from llp_pretrain.training.universal import needs_universal
+
+    def meta(stage, world):
+        return {"zero_stage": stage, "layout": {"world_size": world}}
+
+    assert [needs_universal(meta(s, 2), 1, tmp_path) for s in (0, 1, 2, 3)] == [False, True, True, True]
+    assert [needs_universal(meta(s, 2), 2, tmp_path) for s in (0, 1, 2, 3)] == [False] * 4
+    (tmp_path / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="split over 2 ranks.*Relaunch with 2 processes.*ZeRO 1-3"):
+        needs_universal(meta(0, 2), 4, tmp_path)
+    assert not needs_universal(meta(0, 2), 2, tmp_path)

@@ -79,16 +79,20 @@ def dump_full_states(trainer, path: str) -> None:
 
         for i, flat in enumerate(opt.single_partition_of_fp32_groups):
             lazy_init_hp_params_optimizer_state(opt.bit16_groups[i], flat, opt.optimizer.state)
+    base = getattr(opt, "optimizer", opt)  # the torch AdamW inside DeepSpeed's wrapper (if any)
     for name, p in engine.module.named_parameters():
         fp32 = safe_get_full_fp32_param(p)
-        if fp32 is None:  # ZeRO-0: the torch optimizer holds the parameter itself and its state
-            st = engine.optimizer.state[p]
-            fp32, avg, sq = p.detach(), st["exp_avg"], st["exp_avg_sq"]
-        else:
-            avg, sq = safe_get_full_optimizer_state(p, "exp_avg"), safe_get_full_optimizer_state(p, "exp_avg_sq")
+        if fp32 is None:  # ZeRO-0: whole, unpartitioned states; read below from the optimizer itself
+            continue
+        avg, sq = safe_get_full_optimizer_state(p, "exp_avg"), safe_get_full_optimizer_state(p, "exp_avg_sq")
         for key, t in (("fp32", fp32), ("exp_avg", avg), ("exp_avg_sq", sq)):
             out[f"{name}/{key}"] = t.detach().float().cpu().clone().contiguous()
-    base = getattr(opt, "optimizer", opt)  # Adam's own step counts (bias correction), one per partition
+    if not out:  # ZeRO-0: AdamW's parameters are the model's (fp32) or DeepSpeed's flat fp32 masters (bf16)
+        for i, group in enumerate(base.param_groups):
+            for j, q in enumerate(group["params"]):
+                st = base.state[q]
+                for key, t in (("fp32", q), ("exp_avg", st["exp_avg"]), ("exp_avg_sq", st["exp_avg_sq"])):
+                    out[f"group{i}.{j}/{key}"] = t.detach().float().cpu().clone().contiguous()
     adam_steps = sorted({float(st["step"]) for st in base.state.values() if "step" in st})
     out["global_steps"] = torch.tensor([engine.global_steps, trainer.step])
     out["adam_steps"] = torch.tensor(adam_steps, dtype=torch.float64)

@@ -6,8 +6,9 @@ checkpoint therefore loads as it is whenever the world size is the same (for exa
 -> dp 1 x sp 2); another world size needs DeepSpeed's universal checkpoint: one file per parameter
 and state (``zero/<param>/{fp32,exp_avg,exp_avg_sq}.pt``), written by
 ``deepspeed.checkpoint.ds_to_universal`` and loaded with ``"checkpoint": {"load_universal": true}``.
-ZeRO-0 in fp32 keeps the whole torch optimizer state in ``mp_rank_00_model_states.pt``, which loads
-on any world size; ZeRO-0 in bf16 (DeepSpeed's ``BF16_Optimizer``) is refused.
+ZeRO-0 (fp32, and bf16, where DeepSpeed wraps AdamW whole) keeps the whole optimizer state in
+``mp_rank_00_model_states.pt``, which loads on any world size; a ZeRO-0 checkpoint with per-rank
+optimizer files (DeepSpeed's ``BF16_Optimizer``) is refused.
 
 Cache (contract, also in ``docs/training.md``): ``RUN/checkpoints/stepNNNNNNNN.universal/`` holds
 the converted tag as ``stepNNNNNNNN/`` (DeepSpeed's ``load_dir``/``tag`` pair) and ``converted.json``,
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -43,30 +43,23 @@ MARKER = "converted.json"
 SUFFIX = ".universal"
 
 
-def _bf16(tag_dir: Path) -> bool:
-    try:
-        ds = json.loads((Path(tag_dir) / "ds_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return bool(isinstance(ds.get("bf16"), dict) and ds["bf16"].get("enabled") is True)
-
-
 def needs_universal(meta: Dict[str, Any], world_size: int, tag_dir: Path) -> bool:
     """True when the checkpoint must be converted to a universal checkpoint to load on
     ``world_size`` processes: ZeRO 1-3 written by another world size.
 
-    Raises ``ValueError`` (the way out included) for a ZeRO-0 bf16 checkpoint of another world size:
-    DeepSpeed's ``BF16_Optimizer`` partitions its state over the world and the universal tooling
-    reads ZeRO partitions only."""
+    ZeRO-0 (fp32, and bf16, where DeepSpeed wraps AdamW whole) saves the optimizer state once in
+    ``mp_rank_00_model_states.pt``: it loads on any world size. Raises ``ValueError`` (the way out
+    included) for a ZeRO-0 checkpoint with per-rank optimizer files (DeepSpeed's ``BF16_Optimizer``,
+    e.g. with fp32 gradient accumulation), which DeepSpeed's universal loading does not cover at stage 0."""
     old_world = int(meta.get("layout", {}).get("world_size", world_size))
     if old_world == world_size:
         return False
     stage = int(meta.get("zero_stage", 0))
-    if stage == 0 and _bf16(tag_dir):
-        raise ValueError(f"{tag_dir} is a ZeRO-0 bf16 checkpoint of world size {old_world}; its optimizer state is "
-                         f"split over {old_world} ranks and cannot be converted to world size {world_size}. Relaunch "
-                         f"with {old_world} processes, or train with ZeRO 1-3 (configs/deepspeed/zero1.json) to be able "
-                         "to change the number of GPUs")
+    if stage == 0 and any(Path(tag_dir).glob("*optim_states.pt")):
+        raise ValueError(f"{tag_dir} is a ZeRO-0 checkpoint whose optimizer state is split over {old_world} ranks "
+                         f"(DeepSpeed's BF16_Optimizer); it cannot be loaded on world size {world_size}. Relaunch "
+                         f"with {old_world} processes, or train with ZeRO 1-3 (configs/deepspeed/zero1.json) to be "
+                         "able to change the number of GPUs")
     return stage > 0
 
 
