@@ -300,7 +300,8 @@ def finalize_save(ckpt_dir: Path, tag: str, meta: Dict[str, Any], keep: int) -> 
     for old in tags[:-keep] if keep > 0 else []:
         if old != tag:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-            shutil.rmtree(ckpt_dir / f"{old}.universal", ignore_errors=True)  # its converted copy, if any
+            for copy in (f"{old}.universal", f".{old}.universal.partial"):  # its converted copy, if any
+                shutil.rmtree(ckpt_dir / copy, ignore_errors=True)
     cur = step_of(tag)
     for p in ckpt_dir.iterdir():
         s = step_of(p.name)

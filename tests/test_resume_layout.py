@@ -233,3 +233,23 @@ def test_which_checkpoints_need_conversion(tmp_path):
     with pytest.raises(ValueError, match="split over 2 ranks.*Relaunch with 2 processes.*ZeRO 1-3"):
         needs_universal(meta(0, 2), 4, tmp_path)
     assert not needs_universal(meta(0, 2), 2, tmp_path)
+
+
+@pytest.mark.timeout(2400)
+def test_stale_or_unmarked_copies_are_converted_again(runs, tmp_path):
+    """A copy is reused only when its marker names this save (sha256 of run_meta.json): a tag saved
+    again under the same name, or a copy without marker, is converted afresh."""
+    import shutil
+
+    from llp_pretrain.training.universal import convert_to_universal, universal_dir
+
+    w, _ = runs
+    tag = tmp_path / "checkpoints" / TAG
+    shutil.copytree(w / "z3" / "checkpoints" / TAG, tag)
+    assert convert_to_universal(tag)[1] and not convert_to_universal(tag)[1]
+    meta = json.loads((tag / "run_meta.json").read_text())
+    (tag / "run_meta.json").write_text(json.dumps({**meta, "time": meta["time"] + 1}))  # saved again
+    assert convert_to_universal(tag)[1]
+    (universal_dir(tag) / "converted.json").unlink()
+    assert convert_to_universal(tag)[1]
+    assert json.loads((universal_dir(tag) / "converted.json").read_text())["source"] == TAG

@@ -14,7 +14,9 @@ Cache (contract, also in ``docs/training.md``): ``RUN/checkpoints/stepNNNNNNNN.u
 the converted tag as ``stepNNNNNNNN/`` (DeepSpeed's ``load_dir``/``tag`` pair) and ``converted.json``,
 written last, before the directory gets its name: the conversion is built in
 ``.stepNNNNNNNN.universal.partial/`` and renamed when complete. A leftover ``.partial`` directory (a
-killed conversion) is removed and the conversion redone; a complete copy is reused. The original
+killed conversion) is removed and the conversion redone; a complete copy is reused when its marker
+names the sha256 of the tag's ``run_meta.json`` (a tag saved again under the same name is converted
+again). The original
 tag is only read. Conversion and loads run under :func:`llp_pretrain.checkpoint.weights_only_loads`
 after every ``*.pt`` file (the original tag's and the converted copy's) was scanned
 (:func:`~llp_pretrain.checkpoint.check_loadable`), so nothing loaded can run code.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -69,8 +72,19 @@ def universal_dir(tag_dir: Path) -> Path:
     return tag_dir.parent / (tag_dir.name + SUFFIX)
 
 
-def _complete(out: Path) -> bool:
-    return (out / MARKER).is_file() and (out / out.name[: -len(SUFFIX)]).is_dir()
+def _source_id(tag_dir: Path) -> str:
+    """sha256 of the tag's ``run_meta.json`` (written last by each save, with its time): identifies the
+    save a copy was made from, so a tag saved again under the same name never reuses an old copy."""
+    return hashlib.sha256((Path(tag_dir) / ckpt.META).read_bytes()).hexdigest()
+
+
+def _complete(out: Path, tag_dir: Path) -> bool:
+    try:
+        marker = json.loads((out / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(marker, dict) and marker.get("run_meta_sha256") == _source_id(tag_dir)
+            and (out / tag_dir.name).is_dir())
 
 
 def convert_to_universal(tag_dir: Path, quiet: bool = True) -> Tuple[Path, bool]:
@@ -83,9 +97,9 @@ def convert_to_universal(tag_dir: Path, quiet: bool = True) -> Tuple[Path, bool]
 
     tag_dir = Path(tag_dir)
     out = universal_dir(tag_dir)
-    if _complete(out):
+    if _complete(out, tag_dir):
         return out, False
-    if out.exists():  # a directory of that name without the marker is not ours to trust
+    if out.exists():  # no marker, or a copy of an earlier save under the same tag name: not to be trusted
         shutil.rmtree(out)
     partial = tag_dir.parent / f".{out.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)  # a conversion killed halfway: start over
@@ -103,7 +117,8 @@ def convert_to_universal(tag_dir: Path, quiet: bool = True) -> Tuple[Path, bool]
         raise RuntimeError(f"converting {tag_dir} to a universal checkpoint failed ({type(e).__name__}: {e}); the "
                            f"checkpoint is unchanged. Relaunch with its original number of processes") from None
     ckpt.check_loadable(partial / tag_dir.name, recursive=True)
-    ckpt.write_json_atomic(partial / MARKER, {"source": tag_dir.name, "seconds": round(time.time() - t0, 3),
+    ckpt.write_json_atomic(partial / MARKER, {"source": tag_dir.name, "run_meta_sha256": _source_id(tag_dir),
+                                              "seconds": round(time.time() - t0, 3),
                                               "deepspeed": _ds_version(), "time": time.time()})
     os.replace(partial, out)
     return out, True
