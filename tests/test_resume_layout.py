@@ -2,14 +2,14 @@
 
 One module fixture runs every training (4 process launches in all):
 
-* job A, ``torchrun --nproc-per-node 2`` (dp 2): ZeRO-1, ZeRO-3 and ZeRO-0 (fp32, bf16) runs of 8 planned
-  steps stopped (checkpoint-and-stop) after step 4; a ZeRO-2 run stopped after step 4 and resumed at
+* job A, ``torchrun --nproc-per-node 2`` (dp 2): ZeRO-1 (fp32, bf16), ZeRO-3 and ZeRO-0 (fp32,
+  bf16) runs of 8 planned steps stopped (checkpoint-and-stop) after step 4; a ZeRO-2 run stopped after step 4 and resumed at
   once as dp 1 x sp 2 (same world size: loads without conversion; scenario 3).
 * a conversion of the ZeRO-1 checkpoint SIGKILLed halfway (fault injected at DeepSpeed's 6th
   ``torch.save``), leaving its ``.partial`` directory behind.
-* job B, one process (world 1): the uninterrupted reference, the ZeRO-1 / ZeRO-3 / ZeRO-0 runs
-  (and ZeRO-0 bf16) resumed on world 1 (scenario 1; ZeRO-3 with a layout change; the killed conversion redone), a
-  resume with another global batch size (refused), and a world-1 run stopped after step 4.
+* job B, one process (world 1): the uninterrupted reference, those runs resumed on world 1
+  (scenario 1; ZeRO-3 with a layout change; the killed conversion redone), a resume with another
+  global batch size (refused), and a world-1 run stopped after step 4.
 * job C, ``torchrun --nproc-per-node 4``: that world-1 run resumed as dp 2 x sp 2 (scenario 2).
 
 Asserted: every layout change continues the step counter and logs the uninterrupted run's LR at
@@ -58,7 +58,7 @@ def _job(w, name, stage, mb, ga, sp=1, **extra):
     cfg = tiny_run_config(w / "ds", w / name, deepspeed=f"configs/deepspeed/zero{stage}.json",
                           model={"dropout": 0.1}, parallel={"sequence_parallel_size": sp},
                           train={"max_steps": STEPS, "micro_batch_size": mb, "grad_accum_steps": ga,
-                                 "precision": "bf16" if name.endswith("b") else "fp32"})
+                                 "precision": "bf16" if name in ("z1b", "z0b") else "fp32"})
     return {"config": cfg, "result": str(w / f"res_{name}"), **extra}
 
 
@@ -95,7 +95,8 @@ def runs(tmp_path_factory):
     w = tmp_path_factory.mktemp("layout")
     write_tiny_dataset(w / "ds", seq_len=16, train_samples=[12, 12], val_samples=[4], vocab_size=48)
     logs = {}
-    a = [_stopped(w, "z1", 1, 2, 1), _stopped(w, "z3", 3, 2, 1), _stopped(w, "z0", 0, 2, 1), _stopped(w, "z0b", 0, 2, 1),
+    a = [_stopped(w, "z1", 1, 2, 1), _stopped(w, "z1b", 1, 2, 1), _stopped(w, "z3", 3, 2, 1),
+         _stopped(w, "z0", 0, 2, 1), _stopped(w, "z0b", 0, 2, 1),
          _stopped(w, "sp", 2, 2, 1), _resumed(w, "sp", 2, 2, 2, sp=2)]
     (w / "a.json").write_text(json.dumps(a))
     logs["a"] = _torchrun(2, w / "a.json", 900)
@@ -105,7 +106,7 @@ def runs(tmp_path_factory):
     logs["killed"] = (killed.returncode, sorted(p.name for p in (w / "z1" / "checkpoints").iterdir()))
 
     b = [_job(w, "ref", 1, 2, 2),
-         _resumed(w, "z1", 1, 2, 2), _resumed(w, "z3", 3, 2, 2),
+         _resumed(w, "z1", 1, 2, 2), _resumed(w, "z1b", 1, 2, 2), _resumed(w, "z3", 3, 2, 2),
          {**_resumed(w, "z0", 0, 2, 1), "expect_error": True, "result": str(w / "res_gbs")},
          _resumed(w, "z0", 0, 4, 1), _resumed(w, "z0b", 0, 4, 1),
          _stopped(w, "w1", 1, 2, 2)]
@@ -142,9 +143,9 @@ def _assert_same_states(saved_path, loaded_path, adam_step=4):
 
 
 @pytest.mark.timeout(2400)
-@pytest.mark.parametrize("name", ["z1", "z3", "z0", "z0b", "sp", "w1"])
+@pytest.mark.parametrize("name", ["z1", "z1b", "z3", "z0", "z0b", "sp", "w1"])
 def test_layout_change_continues_steps_lr_and_exact_states(runs, name):
-    """z1/z3: dp 2 -> world 1 (ZeRO-1/3, universal conversion); z0/z0b: ZeRO-0 fp32/bf16 dp 2 -> 1
+    """z1/z1b/z3: dp 2 -> world 1 (ZeRO-1 fp32/bf16, ZeRO-3; universal conversion); z0/z0b: ZeRO-0 fp32/bf16 dp 2 -> 1
     (the whole optimizer state is in one file: loaded as it is); sp: dp 2 x sp 1 -> dp 1 x sp 2 (ZeRO-2, same world: loaded as it is); w1: world 1 ->
     dp 2 x sp 2 (ZeRO-1, universal conversion)."""
     w, _ = runs
@@ -156,7 +157,7 @@ def test_layout_change_continues_steps_lr_and_exact_states(runs, name):
     res = json.loads((w / f"res_{name}.rank0.json").read_text())
     assert (res["step"], res["stopped_by"]) == (STEPS, "max_steps")
     converted = (w / name / "checkpoints" / f"{TAG}.universal").is_dir()
-    assert converted == (name in ("z1", "z3", "w1"))  # only another world size under ZeRO 1-3 converts
+    assert converted == (name in ("z1", "z1b", "z3", "w1"))  # only another world size under ZeRO 1-3 converts
 
 
 @pytest.mark.timeout(2400)
