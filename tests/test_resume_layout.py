@@ -10,7 +10,8 @@ One module fixture runs every training (4 process launches in all):
 * job B, one process (world 1): the uninterrupted reference, those runs resumed on world 1
   (scenario 1; ZeRO-3 with a layout change; the killed conversion redone), a resume with another
   global batch size (refused), and a world-1 run stopped after step 4.
-* job C, ``torchrun --nproc-per-node 4``: that world-1 run resumed as dp 2 x sp 2 (scenario 2).
+* job C, ``torchrun --nproc-per-node 4``: a resume whose conversion fails on rank 0 (every rank must
+  fail, none hang), then that world-1 run resumed as dp 2 x sp 2 (scenario 2).
 
 Asserted: every layout change continues the step counter and logs the uninterrupted run's LR at
 every step (TensorBoard ``train/lr``); the fp32 master weights, Adam ``exp_avg``/``exp_avg_sq`` and
@@ -20,6 +21,7 @@ dp size belongs to the data loader and is not asserted here.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,7 +115,15 @@ def runs(tmp_path_factory):
     (w / "b.json").write_text(json.dumps(b))
     logs["b"] = _run([PY, HARNESS, "train-many", str(w / "b.json")], 900)
 
-    (w / "c.json").write_text(json.dumps([_resumed(w, "w1", 1, 2, 1, sp=2)]))
+    # a copy of z3's step-4 tag whose model-state file is a valid torch file without DeepSpeed's keys:
+    # it passes the scan, DeepSpeed's conversion fails on rank 0, every rank must end with an error
+    broken = w / "broken" / "checkpoints"
+    shutil.copytree(w / "z3" / "checkpoints" / TAG, broken / TAG)
+    for f in (broken / TAG).glob("*model_states.pt"):
+        torch.save({"module": {}}, f)
+    (broken / "latest").write_text(TAG + "\n")
+    c = [{**_resumed(w, "broken", 3, 2, 1, sp=2), "expect_error": True}, _resumed(w, "w1", 1, 2, 1, sp=2)]
+    (w / "c.json").write_text(json.dumps(c))
     logs["c"] = _torchrun(4, w / "c.json", 900)
     return w, logs
 
@@ -228,8 +238,13 @@ def test_which_checkpoints_need_conversion(tmp_path):
     def meta(stage, world):
         return {"zero_stage": stage, "layout": {"world_size": world}}
 
-    assert [needs_universal(meta(s, 2), 1, tmp_path) for s in (0, 1, 2, 3)] == [False, True, True, True]
+    for r in (0, 1):
+        (tmp_path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    assert [needs_universal(meta(s, 2), 1, tmp_path) for s in (1, 2, 3)] == [True, True, True]
     assert [needs_universal(meta(s, 2), 2, tmp_path) for s in (0, 1, 2, 3)] == [False] * 4
+    for f in tmp_path.iterdir():
+        f.unlink()
+    assert not needs_universal(meta(0, 2), 1, tmp_path)
     (tmp_path / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
     with pytest.raises(ValueError, match="split over 2 ranks.*Relaunch with 2 processes.*ZeRO 1-3"):
         needs_universal(meta(0, 2), 4, tmp_path)
@@ -237,11 +252,27 @@ def test_which_checkpoints_need_conversion(tmp_path):
 
 
 @pytest.mark.timeout(2400)
+def test_a_failed_conversion_ends_every_rank_and_leaves_nothing(runs):
+    w, _ = runs
+    res = [json.loads((w / f"res_broken.rank{r}.json").read_text()) for r in range(4)]
+    assert all(r["type"] == "RuntimeError" for r in res), res
+    assert "converting" in res[0]["error"] and "the checkpoint is unchanged" in res[0]["error"], res[0]
+    assert all("failed on rank 0" in r["error"] for r in res[1:]), res
+    assert sorted(p.name for p in (w / "broken" / "checkpoints").iterdir()) == ["latest", TAG]
+
+
+def test_incomplete_checkpoint_is_refused_before_conversion(tmp_path):
+    from llp_pretrain.training.universal import needs_universal
+
+    (tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="holds 1 ZeRO optimizer-state files .* written by 2 ranks"):
+        needs_universal({"zero_stage": 1, "layout": {"world_size": 2}}, 1, tmp_path)
+
+
+@pytest.mark.timeout(2400)
 def test_stale_or_unmarked_copies_are_converted_again(runs, tmp_path):
     """A copy is reused only when its marker names this save (sha256 of run_meta.json): a tag saved
     again under the same name, or a copy without marker, is converted afresh."""
-    import shutil
-
     from llp_pretrain.training.universal import convert_to_universal, universal_dir
 
     w, _ = runs

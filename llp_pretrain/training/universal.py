@@ -63,6 +63,12 @@ def needs_universal(meta: Dict[str, Any], world_size: int, tag_dir: Path) -> boo
                          f"(DeepSpeed's BF16_Optimizer); it cannot be loaded on world size {world_size}. Relaunch "
                          f"with {old_world} processes, or train with ZeRO 1-3 (configs/deepspeed/zero1.json) to be "
                          "able to change the number of GPUs")
+    if stage > 0:
+        found = len(list(Path(tag_dir).glob("*zero_pp_rank_*_optim_states.pt")))
+        if found != old_world:
+            raise ValueError(f"{tag_dir} holds {found} ZeRO optimizer-state files (*zero_pp_rank_*_optim_states.pt) "
+                             f"but was written by {old_world} ranks: it is incomplete or damaged. Resume from an "
+                             "earlier checkpoint")
     return stage > 0
 
 
