@@ -285,3 +285,26 @@ def test_stale_or_unmarked_copies_are_converted_again(runs, tmp_path):
     (universal_dir(tag) / "converted.json").unlink()
     assert convert_to_universal(tag)[1]
     assert json.loads((universal_dir(tag) / "converted.json").read_text())["source"] == TAG
+
+
+def test_rng_on_a_new_layout_is_derived_from_seed_step_rank():
+    import random
+
+    import numpy as np
+
+    from llp_pretrain.training.universal import reseed_for_layout
+
+    def draw(seed, step, rank):
+        reseed_for_layout(seed, step, rank)
+        return torch.rand(3).tolist(), float(np.random.rand()), random.random()
+
+    assert draw(7, 4, 1) == draw(7, 4, 1)
+    assert len({str(draw(7, 4, 1)), str(draw(7, 4, 0)), str(draw(7, 5, 1)), str(draw(8, 4, 1))}) == 4
+
+
+@pytest.mark.timeout(2400)
+def test_the_log_says_when_rng_states_are_derived(runs):
+    _, logs = runs
+    assert "the layout changed (dp 2 x sp 1 -> dp 1 x sp 1): dropout RNG states are derived" in logs["b"]
+    assert "the layout changed (dp 1 x sp 1 -> dp 2 x sp 2)" in logs["c"]
+    assert "the layout changed (dp 2 x sp 1 -> dp 1 x sp 2)" in logs["a"]
