@@ -50,7 +50,7 @@ def check_resume_world(meta: Dict[str, Any], world_size: int, sequence_parallel_
             f"{where} was trained with global_batch_size={old_gb} (micro_batch_size {old.get('micro_batch_size')} x "
             f"grad_accum_steps {old.get('grad_accum_steps')} x data_parallel_size {old.get('data_parallel_size')}); "
             f"this run has {global_batch_size}. The step counter, LR schedule and data position count optimizer "
-            f"steps of {old_gb} samples, so the run cannot continue with another global batch size. Set "
+            f"steps of {old_gb} samples, so the run cannot continue with another global batch size. Resume with "
             f"--set train.global_batch_size={old_gb} (with data_parallel_size {dp} it needs micro_batch_size x "
             f"grad_accum_steps = {old_gb / dp:g}), or start a new run with train.init_from.")
 
