@@ -308,3 +308,18 @@ def test_the_log_says_when_rng_states_are_derived(runs):
     assert "the layout changed (dp 2 x sp 1 -> dp 1 x sp 1): dropout RNG states are derived" in logs["b"]
     assert "the layout changed (dp 1 x sp 1 -> dp 2 x sp 2)" in logs["c"]
     assert "the layout changed (dp 2 x sp 1 -> dp 1 x sp 2)" in logs["a"]
+
+
+def test_retention_removes_converted_copies_with_their_tags(tmp_path):
+    from llp_pretrain.checkpoint import finalize_save
+
+    for step in (1, 2, 3):
+        tag = tmp_path / f"step{step:08d}"
+        tag.mkdir()
+        if step < 3:
+            (tag / "run_meta.json").write_text("{}")
+        (tmp_path / f"step{step:08d}.universal").mkdir()
+    (tmp_path / ".step00000001.universal.partial").mkdir()
+    finalize_save(tmp_path, "step00000003", {"step": 3}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "latest", "step00000002", "step00000002.universal", "step00000003", "step00000003.universal"]
