@@ -37,8 +37,6 @@ PY = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 HARNESS = str(REPO / "tests" / "train_many.py")
 
-pytestmark = [pytest.mark.distributed]
-
 STEPS = 8
 TAG = "step00000004"
 
@@ -152,6 +150,7 @@ def _assert_same_states(saved_path, loaded_path, adam_step=4):
     assert saved["global_steps"].tolist() == [4, 4]
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(2400)
 @pytest.mark.parametrize("name", ["z1", "z1b", "z3", "z0", "z0b", "sp", "w1"])
 def test_layout_change_continues_steps_lr_and_exact_states(runs, name):
@@ -170,6 +169,7 @@ def test_layout_change_continues_steps_lr_and_exact_states(runs, name):
     assert converted == (name in ("z1", "z1b", "z3", "w1"))  # only another world size under ZeRO 1-3 converts
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(2400)
 def test_conversion_killed_halfway_is_redone_not_used(runs):
     w, logs = runs
@@ -182,6 +182,7 @@ def test_conversion_killed_halfway_is_redone_not_used(runs):
     assert json.loads((ckpt / f"{TAG}.universal" / "converted.json").read_text())["source"] == TAG
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(2400)
 def test_converted_copy_is_reused_and_the_original_untouched(runs):
     from llp_pretrain.training.universal import convert_to_universal
@@ -197,6 +198,7 @@ def test_converted_copy_is_reused_and_the_original_untouched(runs):
     assert {p.name: p.stat().st_mtime_ns for p in tag_dir.iterdir()} == original
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(2400)
 def test_global_batch_size_change_is_refused_up_front(runs):
     w, _ = runs
@@ -206,6 +208,7 @@ def test_global_batch_size_change_is_refused_up_front(runs):
     assert "--set train.global_batch_size=4" in res["error"]
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(2400)
 def test_planted_pickle_in_a_converted_copy_is_refused(runs):
     from llp_pretrain.checkpoint import UntrustedCheckpointError, check_loadable
@@ -251,6 +254,7 @@ def test_which_checkpoints_need_conversion(tmp_path):
     assert not needs_universal(meta(0, 2), 2, tmp_path)
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(2400)
 def test_a_failed_conversion_ends_every_rank_and_leaves_nothing(runs):
     w, _ = runs
@@ -269,6 +273,7 @@ def test_incomplete_checkpoint_is_refused_before_conversion(tmp_path):
         needs_universal({"zero_stage": 1, "layout": {"world_size": 2}}, 1, tmp_path)
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(2400)
 def test_stale_or_unmarked_copies_are_converted_again(runs, tmp_path):
     """A copy is reused only when its marker names this save (sha256 of run_meta.json): a tag saved
@@ -302,6 +307,7 @@ def test_rng_on_a_new_layout_is_derived_from_seed_step_rank():
     assert len({str(draw(7, 4, 1)), str(draw(7, 4, 0)), str(draw(7, 5, 1)), str(draw(8, 4, 1))}) == 4
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(2400)
 def test_the_log_says_when_rng_states_are_derived(runs):
     _, logs = runs
