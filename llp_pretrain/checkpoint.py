@@ -272,11 +272,12 @@ def _check_file(f: Path) -> None:
             "from checkpoints you wrote yourself; share models with `llp-pretrain export` (safetensors)")
 
 
-def check_loadable(tag_dir: Path) -> None:
-    """Scan every ``*.pt`` file of a checkpoint tag (reading the pickle opcodes, never running them)
+def check_loadable(tag_dir: Path, recursive: bool = False) -> None:
+    """Scan every ``*.pt`` file of a checkpoint tag (with ``recursive``, of its subdirectories too: a
+    universal checkpoint's ``zero/<param>/*.pt``), reading the pickle opcodes, never running them,
     and raise :class:`UntrustedCheckpointError` naming the first file that holds a Python global
     outside DeepSpeed's allow-list, or that is not a readable torch file."""
-    for f in sorted(Path(tag_dir).glob("*.pt")):
+    for f in sorted(Path(tag_dir).rglob("*.pt") if recursive else Path(tag_dir).glob("*.pt")):
         _check_file(f)
 
 
@@ -299,6 +300,8 @@ def finalize_save(ckpt_dir: Path, tag: str, meta: Dict[str, Any], keep: int) -> 
     for old in tags[:-keep] if keep > 0 else []:
         if old != tag:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+            for copy in (f"{old}.universal", f".{old}.universal.partial"):  # its converted copy, if any
+                shutil.rmtree(ckpt_dir / copy, ignore_errors=True)
     cur = step_of(tag)
     for p in ckpt_dir.iterdir():
         s = step_of(p.name)

@@ -502,9 +502,9 @@ def validate_run_config(config: "str | os.PathLike", overrides: Sequence[str], w
 
 def check_resume_world_size(cfg, train_args: Sequence[str], world_size: int) -> None:
     """Pre-flight for a resume: when ``train_args`` resume (``--resume auto|PATH``, no ``--overwrite``)
-    a checkpoint written with another data-parallel x sequence-parallel layout than ``world_size``
-    processes give, raise :class:`LaunchError` with the trainer's own message (what to do), before
-    any process starts. A checkpoint this host cannot resolve is left to the trainer to report."""
+    a checkpoint written with another global batch size than this config has on ``world_size``
+    processes (another layout is fine: the trainer converts), raise :class:`LaunchError` with the
+    trainer's own message (what to do), before any process starts. A checkpoint this host cannot resolve is left to the trainer to report."""
     from llp_pretrain import checkpoint as ckpt
     from llp_pretrain.training.checkpointer import check_resume_world
 
@@ -520,7 +520,8 @@ def check_resume_world_size(cfg, train_args: Sequence[str], world_size: int) -> 
     if meta is None:
         return
     try:
-        check_resume_world(meta, world_size, cfg.parallel.sequence_parallel_size, str(where[0] / where[1]))
+        check_resume_world(meta, world_size, cfg.parallel.sequence_parallel_size, str(where[0] / where[1]),
+                           cfg.train.global_batch_size)
     except ValueError as exc:
         raise LaunchError(f"{exc}\n(checked for world_size={world_size} before starting training)") from None
 

@@ -41,6 +41,65 @@ class PauseAfterStep:
         trainer.stop.request("signal")  # every rank leaves the loop above at the same poll
 
 
+class StopAndDump:
+    """Callback for layout-change tests: ``dump_start`` (a path): right after the checkpoint is loaded,
+    write every parameter's full fp32 master value and Adam ``exp_avg``/``exp_avg_sq`` (DeepSpeed's
+    public ``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``; the plain optimizer's
+    state under ZeRO-0) to a safetensors file (rank 0; collective). ``dump_step`` + ``dump_path``:
+    the same after that optimizer step; ``stop_after``: request a checkpoint-and-stop after that step."""
+
+    def __init__(self, job):
+        self.job = job
+
+    def on_train_start(self, trainer) -> None:
+        if self.job.get("dump_start"):
+            dump_full_states(trainer, self.job["dump_start"])
+
+    def on_step_end(self, trainer) -> None:
+        if self.job.get("dump_path") and trainer.step == self.job.get("dump_step"):
+            dump_full_states(trainer, self.job["dump_path"])
+        if trainer.step == self.job.get("stop_after"):
+            trainer.stop.request("signal")
+
+
+def dump_full_states(trainer, path: str) -> None:
+    """Write ``{name}/fp32``, ``{name}/exp_avg``, ``{name}/exp_avg_sq`` of every parameter (full,
+    unpartitioned, fp32) and ``global_steps`` to ``path`` (safetensors; rank 0 writes)."""
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from safetensors.torch import save_file
+
+    engine, out = trainer.engine, {}
+    opt = engine.optimizer
+    if hasattr(opt, "single_partition_of_fp32_groups"):
+        # ZeRO 1/2 steps its parameter groups one at a time and links the Adam-state views of every
+        # group after the first group's first step, when the other groups have no state yet, so
+        # safe_get_full_optimizer_state finds no exp_avg for biases/norms (group 2). Link them again.
+        from deepspeed.utils import lazy_init_hp_params_optimizer_state
+
+        for i, flat in enumerate(opt.single_partition_of_fp32_groups):
+            lazy_init_hp_params_optimizer_state(opt.bit16_groups[i], flat, opt.optimizer.state)
+    base = getattr(opt, "optimizer", opt)  # the torch AdamW inside DeepSpeed's wrapper (if any)
+    for name, p in engine.module.named_parameters():
+        fp32 = safe_get_full_fp32_param(p)
+        if fp32 is None:  # ZeRO-0: whole, unpartitioned states; read below from the optimizer itself
+            continue
+        avg, sq = safe_get_full_optimizer_state(p, "exp_avg"), safe_get_full_optimizer_state(p, "exp_avg_sq")
+        for key, t in (("fp32", fp32), ("exp_avg", avg), ("exp_avg_sq", sq)):
+            out[f"{name}/{key}"] = t.detach().float().cpu().clone().contiguous()
+    if not out:  # ZeRO-0: AdamW's parameters are the model's (fp32) or DeepSpeed's flat fp32 masters (bf16)
+        for i, group in enumerate(base.param_groups):
+            for j, q in enumerate(group["params"]):
+                st = base.state[q]
+                for key, t in (("fp32", q), ("exp_avg", st["exp_avg"]), ("exp_avg_sq", st["exp_avg_sq"])):
+                    out[f"group{i}.{j}/{key}"] = t.detach().float().cpu().clone().contiguous()
+    adam_steps = sorted({float(st["step"]) for st in base.state.values() if "step" in st})
+    out["global_steps"] = torch.tensor([engine.global_steps, trainer.step])
+    out["adam_steps"] = torch.tensor(adam_steps, dtype=torch.float64)
+    if trainer.d.rank == 0:
+        save_file(out, path)
+
+
 def install_pause_from_env() -> None:
     """Register :class:`PauseAfterStep` when ``LLP_PRETRAIN_PAUSE_AFTER_STEP`` is set."""
     from llp_pretrain.training import callbacks
@@ -51,7 +110,8 @@ def install_pause_from_env() -> None:
 
 def train_many(spec_path: str) -> int:
     """Run the trainings listed in a JSON spec one after another in this process (under torchrun or
-    alone): ``[{"config": raw_config_dict, "resume": null|"auto"|path, "result": path_prefix}, ...]``.
+    alone): ``[{"config": raw_config_dict, "resume": null|"auto"|path, "result": path_prefix}, ...]``
+    (plus the :class:`StopAndDump` keys).
     Each rank writes ``<result>.rank<R>.json`` with the ``TrainResult`` fields, or ``{"error", "type"}``
     for a job with ``"expect_error": true`` that raised."""
     import dataclasses
@@ -66,7 +126,8 @@ def train_many(spec_path: str) -> int:
             t0 = time.time()
             cfg = load_config(raw=job["config"], overrides=job.get("overrides", []))
             try:
-                out = dataclasses.asdict(train(cfg, resume=job.get("resume"), overwrite=job.get("overwrite", False)))
+                out = dataclasses.asdict(train(cfg, resume=job.get("resume"), overwrite=job.get("overwrite", False),
+                                               callbacks=[StopAndDump(job)]))
             except Exception as e:  # recorded for jobs that are expected to fail
                 if not job.get("expect_error"):
                     raise

@@ -16,6 +16,8 @@ from llp_pretrain.config import RunConfig, dump_yaml
 from llp_pretrain.run_identity import check_resume_identity, start_point
 from llp_pretrain.schedule import resumed_schedule, schedule_meta
 
+from .universal import describe_rng, needs_universal, reseed_for_layout
+
 __all__ = ["layout_meta", "check_resume_world", "check_resume_layout", "StartPoint", "resolve_start", "Checkpointer"]
 
 
@@ -27,30 +29,39 @@ def layout_meta(cfg: RunConfig, d) -> Dict[str, Any]:
             "global_batch_size": cfg.train.global_batch_size, "virtual_readers": cfg.data.virtual_readers}
 
 
-def check_resume_world(meta: Dict[str, Any], world_size: int, sequence_parallel_size: int, where: str) -> None:
-    """Fail (``ValueError``) when a checkpoint was written with another data-parallel x
-    sequence-parallel layout than ``world_size`` processes give, saying how to proceed. Used by the
-    trainer and by the launchers' pre-flight check (``launch_utils layout``), before any start-up."""
+def _global_batch(layout: Dict[str, Any]) -> Optional[int]:
+    try:
+        return int(layout["micro_batch_size"]) * int(layout["grad_accum_steps"]) * int(layout["data_parallel_size"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def check_resume_world(meta: Dict[str, Any], world_size: int, sequence_parallel_size: int, where: str,
+                       global_batch_size: Optional[int] = None) -> None:
+    """Fail (``ValueError``) when a checkpoint cannot continue on ``world_size`` processes with
+    ``sequence_parallel_size``: another global batch size (samples per optimizer step) than
+    ``global_batch_size``. Another data-parallel x sequence-parallel layout is allowed (ZeRO states
+    are converted, ``training/universal.py``). Used by the trainer and by the launchers' pre-flight
+    check (``launch_utils layout``), before any start-up."""
     old = meta.get("layout", {})
-    new = {"world_size": world_size, "data_parallel_size": world_size // sequence_parallel_size,
-           "sequence_parallel_size": sequence_parallel_size}
-    if (old.get("data_parallel_size") != new["data_parallel_size"]
-            or old.get("sequence_parallel_size") != new["sequence_parallel_size"]):
+    old_gb = _global_batch(old)
+    if global_batch_size is not None and old_gb is not None and old_gb != global_batch_size:
+        dp = world_size // sequence_parallel_size
         raise ValueError(
-            f"{where} was written with data_parallel_size={old.get('data_parallel_size')} x "
-            f"sequence_parallel_size={old.get('sequence_parallel_size')} (world {old.get('world_size')}); this run has "
-            f"data_parallel_size={new['data_parallel_size']} x sequence_parallel_size={new['sequence_parallel_size']} "
-            f"(world {new['world_size']}). ZeRO optimizer states and the data position are per data-parallel rank, so it "
-            f"cannot be resumed exactly. Either relaunch with {old.get('world_size')} processes, or convert it: "
-            f"`llp-pretrain export {where} WEIGHTS_DIR` and start a new run with `--set train.init_from=WEIGHTS_DIR` "
-            f"(weights kept; optimizer state, LR schedule and data position start afresh).")
+            f"{where} was trained with global_batch_size={old_gb} (micro_batch_size {old.get('micro_batch_size')} x "
+            f"grad_accum_steps {old.get('grad_accum_steps')} x data_parallel_size {old.get('data_parallel_size')}); "
+            f"this run has {global_batch_size}. The step counter, LR schedule and data position count optimizer "
+            f"steps of {old_gb} samples, so the run cannot continue with another global batch size. Resume with "
+            f"--set train.global_batch_size={old_gb} (with data_parallel_size {dp} it needs micro_batch_size x "
+            f"grad_accum_steps = {old_gb / dp:g}), or start a new run with train.init_from.")
 
 
 def check_resume_layout(meta: Dict[str, Any], cfg: RunConfig, d, where: str) -> None:
     """Fail up front (``ValueError``) when a checkpoint's layout differs from this run's in a way
     that breaks exact resume (:func:`check_resume_world`, then the settings the data position
-    depends on), saying how to proceed."""
-    check_resume_world(meta, d.world_size, d.sp_size, where)
+    depends on; micro_batch_size and grad_accum_steps may change with the data-parallel size),
+    saying how to proceed."""
+    check_resume_world(meta, d.world_size, d.sp_size, where, cfg.train.global_batch_size)
     old, new = meta.get("layout", {}), layout_meta(cfg, d)
     if "virtual_readers" not in old:
         raise ValueError(f"{where} was written by a loader whose sample order depended on the process layout; its "
@@ -69,13 +80,19 @@ def check_resume_layout(meta: Dict[str, Any], cfg: RunConfig, d, where: str) -> 
 class StartPoint:
     """Where a run starts: ``where`` = ``(checkpoints dir, tag)`` or None for a fresh start, its
     ``meta`` (``run_meta.json``), ``data_start`` (the step the current dataset was first read at),
-    the LR function ``lr_fn(step)`` and the schedule ``lr_anchor`` recorded in the next checkpoints."""
+    the LR function ``lr_fn(step)`` and the schedule ``lr_anchor`` recorded in the next checkpoints.
+    ``universal``: the ZeRO states need a universal checkpoint (another world size); ``load_from``:
+    ``(dir, tag)`` DeepSpeed loads (``where``, or the converted copy set by
+    ``universal.prepare_universal``); ``layout_changed``: another dp x sp layout (RNG states derived)."""
 
     where: Optional[Tuple[Path, str]]
     meta: Optional[Dict[str, Any]]
     data_start: int
     lr_fn: Callable[[int], float]
     lr_anchor: Optional[Dict[str, float]]
+    universal: bool = False
+    load_from: Optional[Tuple[Path, str]] = None
+    layout_changed: bool = False
 
     @property
     def path(self) -> str:
@@ -98,15 +115,18 @@ def resolve_start(cfg: RunConfig, d, resume: Optional[str], overwrite: bool, res
     ``FileNotFoundError`` / ``UntrustedCheckpointError`` with the way out."""
     t = cfg.train
     where = start_point(Path(cfg.run.output_dir), resume, overwrite)
-    meta, data_start = None, 0
+    meta, data_start, universal, changed = None, 0, False, False
     if where is not None:
         tag_dir = where[0] / where[1]
         meta = ckpt.read_meta(tag_dir)
         check_resume_layout(meta, cfg, d, str(tag_dir))
         data_start = check_resume_identity(meta, resolved["model"], hashes, t.allow_data_change, str(tag_dir))
         ckpt.check_loadable(tag_dir)
+        universal = needs_universal(meta, d.world_size, tag_dir)
+        old = meta.get("layout", {})
+        changed = (old.get("data_parallel_size"), old.get("sequence_parallel_size")) != (d.dp_size, d.sp_size)
     lr_fn, lr_anchor = resumed_schedule(t, meta, str(where[0] / where[1]) if where else "")
-    return StartPoint(where, meta, data_start, lr_fn, lr_anchor)
+    return StartPoint(where, meta, data_start, lr_fn, lr_anchor, universal, where, changed)
 
 
 class Checkpointer:
@@ -134,7 +154,7 @@ class Checkpointer:
         (:meth:`restore_rng`), last."""
         if self.start.where is None:
             return 0, 0
-        where = self.start.where
+        where = self.start.load_from or self.start.where
         with ckpt.weights_only_loads():  # DeepSpeed's torch.load calls cannot unpickle code
             load_path, _ = self.engine.load_checkpoint(str(where[0]), tag=where[1], load_optimizer_states=True,
                                                        load_lr_scheduler_states=True)
@@ -146,9 +166,16 @@ class Checkpointer:
         return int(meta["step"]), int(meta.get("skipped_steps", 0))
 
     def restore_rng(self) -> None:
-        """Restore this rank's RNG states of the resumed checkpoint (no-op on a fresh start)."""
-        if self.start.where is not None:
-            ckpt.load_rank_rng(self.start.where[0] / self.start.where[1], self.d.rank)
+        """Restore this rank's RNG states of the resumed checkpoint (no-op on a fresh start); on
+        another layout derive them from ``(train.seed, step, rank)`` instead (said on rank 0)."""
+        if self.start.where is None:
+            return
+        if self.start.layout_changed:
+            reseed_for_layout(self.cfg.train.seed, self.start.step(), self.d.rank)
+            if self.d.rank == 0:
+                print(describe_rng(self.start.meta, self.d), flush=True)
+            return
+        ckpt.load_rank_rng(self.start.where[0] / self.start.where[1], self.d.rank)
 
     def save_step(self, step: int, skipped_steps: int) -> None:
         """Save a checkpoint of optimizer step ``step``."""

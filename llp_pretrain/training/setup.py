@@ -113,8 +113,11 @@ def build_engine(cfg: RunConfig, d, start: StartPoint) -> Built:
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, start.lr_fn, t.lr)
     model = sp.prepare_model(model, cfg.ds_config)
+    ds_config = cfg.ds_config
+    if start.universal:  # another world size: load the converted copy (training/universal.py)
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=cfg.ds_config, mpu=sp.mpu, dist_init_required=False)
+                                           config=ds_config, mpu=sp.mpu, dist_init_required=False)
     if t.compile:  # torch.compile through DeepSpeed's public API; activation checkpoints are non-reentrant
         engine.compile()
     stage = int(cfg.ds_config.get("zero_optimization", {}).get("stage", 0))

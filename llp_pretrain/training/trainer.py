@@ -29,6 +29,7 @@ from .peak import Peak, resolve_peak
 from .setup import Built, build_engine, prepare_run_dir
 from .step import train_step
 from .stop import StopDecision
+from .universal import prepare_universal
 
 __all__ = ["Trainer", "TrainResult", "train"]
 
@@ -82,6 +83,7 @@ class Trainer:
     def _build(self, overwrite: bool) -> None:
         cfg, d = self.cfg, self.d
         prepare_run_dir(cfg, d, overwrite, self.resolved, self.hashes, self.tokenizer_path)
+        prepare_universal(self.start, d, console=lambda line: print(line, flush=True))  # another world size
         built = build_engine(cfg, d, self.start)
         self.engine, self.sp, self.stage = built.engine, built.sp, built.stage
         self.checkpointer = Checkpointer(cfg, d, self.engine, self.start, self.resolved, self.hashes,
@@ -146,6 +148,8 @@ class Trainer:
             return self.result(loss=None)
         nonfinite_run = 0
         try:
+            for cb in self.callbacks:
+                getattr(cb, "on_train_start", lambda trainer: None)(self)
             while self.step < t.max_steps:
                 out = train_step(self.engine, self.loader, self.sp, self.d, t.grad_accum_steps, self.stage,
                                  resolved_precision(t), flags=self.stop.local_flags)
