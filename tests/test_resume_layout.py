@@ -16,14 +16,17 @@ One module fixture runs every training (4 process launches in all):
 Asserted: every layout change continues the step counter and logs the uninterrupted run's LR at
 every step (TensorBoard ``train/lr``); the fp32 master weights, Adam ``exp_avg``/``exp_avg_sq`` and
 Adam step counts read with DeepSpeed's public ``safe_get_full_*`` right after the load on the new
-layout equal (bit for bit) those right before the save on the old one. The sample order on a new
-dp size belongs to the data loader and is not asserted here.
+layout equal (bit for bit) those right before the save on the old one; the multiset of sample keys
+of every step (``data.log_consumed``, union over ranks) equals the uninterrupted run's; the final
+training loss is within ``LOSS_TOL`` of it (not bit-equal: dropout masks and the reduction order of
+the gradient differ on another layout).
 """
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -39,6 +42,7 @@ HARNESS = str(REPO / "tests" / "train_many.py")
 
 STEPS = 8
 TAG = "step00000004"
+LOSS_TOL = 0.05  # absolute, on a loss of about ln(48) = 3.9 after 8 steps of a tiny model
 
 
 def _env():
@@ -56,7 +60,7 @@ def _run(cmd, timeout):
 
 def _job(w, name, stage, mb, ga, sp=1, **extra):
     cfg = tiny_run_config(w / "ds", w / name, deepspeed=f"configs/deepspeed/zero{stage}.json",
-                          model={"dropout": 0.1}, parallel={"sequence_parallel_size": sp},
+                          model={"dropout": 0.1}, data={"log_consumed": True}, parallel={"sequence_parallel_size": sp},
                           train={"max_steps": STEPS, "micro_batch_size": mb, "grad_accum_steps": ga,
                                  "precision": "bf16" if name in ("z1b", "z0b") else "fp32"})
     return {"config": cfg, "result": str(w / f"res_{name}"), **extra}
@@ -140,6 +144,17 @@ def _states(path):
     return load_file(str(path))
 
 
+def _consumed(run_dir):
+    """{step: sorted multiset of keys over all ranks} from ``RUN/consumed/rank*.jsonl``."""
+    from llp_pretrain.training.consumed import read_log
+
+    per_step = {}
+    for f in sorted((Path(run_dir) / "consumed").glob("rank*.jsonl")):
+        for line in read_log(f):
+            per_step.setdefault(line["step"], Counter()).update(line["keys"])
+    return per_step
+
+
 def _assert_same_states(saved_path, loaded_path, adam_step=4):
     saved, loaded = _states(saved_path), _states(loaded_path)
     assert sorted(saved) == sorted(loaded)
@@ -165,6 +180,13 @@ def test_layout_change_continues_steps_lr_and_exact_states(runs, name):
     assert got == ref  # the LR of every step, before and after the layout change
     res = json.loads((w / f"res_{name}.rank0.json").read_text())
     assert (res["step"], res["stopped_by"]) == (STEPS, "max_steps")
+    ref_keys, got_keys = _consumed(w / "ref"), _consumed(w / name)
+    assert sorted(ref_keys) == list(range(1, STEPS + 1))
+    sp_after = 2 if name in ("sp", "w1") else 1  # sequence-parallel peers log the same keys
+    assert got_keys == {s: Counter({k: n * (sp_after if s > 4 else 1) for k, n in c.items()})
+                        for s, c in ref_keys.items()}  # none repeated, none skipped, before and after the change
+    ref_loss = json.loads((w / "res_ref.rank0.json").read_text())["loss"]
+    assert abs(res["loss"] - ref_loss) < LOSS_TOL, (res["loss"], ref_loss)
     converted = (w / name / "checkpoints" / f"{TAG}.universal").is_dir()
     assert converted == (name in ("z1", "z1b", "z3", "w1"))  # only another world size under ZeRO 1-3 converts
 
