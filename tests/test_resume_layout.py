@@ -9,7 +9,7 @@ One module fixture runs every training (4 process launches in all):
   ``torch.save``), leaving its ``.partial`` directory behind.
 * job B, one process (world 1): the uninterrupted reference, those runs resumed on world 1
   (scenario 1; ZeRO-3 with a layout change; the killed conversion redone), a resume with another
-  global batch size (refused), and a world-1 run stopped after step 4.
+  global batch size (refused), and a world-1 ZeRO-2 run stopped after step 4.
 * job C, ``torchrun --nproc-per-node 4``: a resume whose conversion fails on rank 0 (every rank must
   fail, none hang), then that world-1 run resumed as dp 2 x sp 2 (scenario 2).
 
@@ -109,7 +109,7 @@ def runs(tmp_path_factory):
          _resumed(w, "z1", 1, 2, 2), _resumed(w, "z1b", 1, 2, 2), _resumed(w, "z3", 3, 2, 2),
          {**_resumed(w, "z0", 0, 2, 1), "expect_error": True, "result": str(w / "res_gbs")},
          _resumed(w, "z0", 0, 4, 1), _resumed(w, "z0b", 0, 4, 1),
-         _stopped(w, "w1", 1, 2, 2)]
+         _stopped(w, "w1", 2, 2, 2)]
     (w / "b.json").write_text(json.dumps(b))
     logs["b"] = _run([PY, HARNESS, "train-many", str(w / "b.json")], 900)
 
@@ -120,7 +120,7 @@ def runs(tmp_path_factory):
     for f in (broken / TAG).glob("*model_states.pt"):
         torch.save({"module": {}}, f)
     (broken / "latest").write_text(TAG + "\n")
-    c = [{**_resumed(w, "broken", 3, 2, 1, sp=2), "expect_error": True}, _resumed(w, "w1", 1, 2, 1, sp=2)]
+    c = [{**_resumed(w, "broken", 3, 2, 1, sp=2), "expect_error": True}, _resumed(w, "w1", 2, 2, 1, sp=2)]
     (w / "c.json").write_text(json.dumps(c))
     logs["c"] = _torchrun(4, w / "c.json", 900)
     return w, logs
@@ -156,7 +156,7 @@ def _assert_same_states(saved_path, loaded_path, adam_step=4):
 def test_layout_change_continues_steps_lr_and_exact_states(runs, name):
     """z1/z1b/z3: dp 2 -> world 1 (ZeRO-1 fp32/bf16, ZeRO-3; universal conversion); z0/z0b: ZeRO-0 fp32/bf16 dp 2 -> 1
     (the whole optimizer state is in one file: loaded as it is); sp: dp 2 x sp 1 -> dp 1 x sp 2 (ZeRO-2, same world: loaded as it is); w1: world 1 ->
-    dp 2 x sp 2 (ZeRO-1, universal conversion)."""
+    dp 2 x sp 2 (ZeRO-2, universal conversion)."""
     w, _ = runs
     # DeepSpeed's ZeRO-0 bf16 wrapper primes AdamW with one zero-gradient step at start-up: 4 + 1
     _assert_same_states(w / f"{name}.saved.safetensors", w / f"{name}.resumed.safetensors", 5 if name == "z0b" else 4)
