@@ -3,8 +3,9 @@
 One module fixture runs every training (4 process launches in all):
 
 * job A, ``torchrun --nproc-per-node 2`` (dp 2): ZeRO-1 (fp32, bf16), ZeRO-3 and ZeRO-0 (fp32,
-  bf16) runs of 8 planned steps stopped (checkpoint-and-stop) after step 4; a ZeRO-2 run stopped after step 4 and resumed at
-  once as dp 1 x sp 2 (same world size: loads without conversion; scenario 3).
+  bf16) runs of 8 planned steps stopped (checkpoint-and-stop) after step 4; a ZeRO-2 run stopped
+  after step 4 and resumed at once as dp 1 x sp 2 (same world size: loads without conversion;
+  scenario 3).
 * a conversion of the ZeRO-1 checkpoint SIGKILLed halfway (fault injected at DeepSpeed's 6th
   ``torch.save``), leaving its ``.partial`` directory behind.
 * job B, one process (world 1): the uninterrupted reference, those runs resumed on world 1
@@ -154,9 +155,10 @@ def _assert_same_states(saved_path, loaded_path, adam_step=4):
 @pytest.mark.timeout(2400)
 @pytest.mark.parametrize("name", ["z1", "z1b", "z3", "z0", "z0b", "sp", "w1"])
 def test_layout_change_continues_steps_lr_and_exact_states(runs, name):
-    """z1/z1b/z3: dp 2 -> world 1 (ZeRO-1 fp32/bf16, ZeRO-3; universal conversion); z0/z0b: ZeRO-0 fp32/bf16 dp 2 -> 1
-    (the whole optimizer state is in one file: loaded as it is); sp: dp 2 x sp 1 -> dp 1 x sp 2 (ZeRO-2, same world: loaded as it is); w1: world 1 ->
-    dp 2 x sp 2 (ZeRO-2, universal conversion)."""
+    """z1/z1b/z3: dp 2 -> world 1 (ZeRO-1 fp32/bf16, ZeRO-3; universal conversion); z0/z0b: ZeRO-0
+    fp32/bf16 dp 2 -> 1 (the whole optimizer state is in one file: loaded as it is); sp: dp 2 x sp 1
+    -> dp 1 x sp 2 (ZeRO-2, same world: loaded as it is); w1: world 1 -> dp 2 x sp 2 (ZeRO-2,
+    universal conversion)."""
     w, _ = runs
     # DeepSpeed's ZeRO-0 bf16 wrapper primes AdamW with one zero-gradient step at start-up: 4 + 1
     _assert_same_states(w / f"{name}.saved.safetensors", w / f"{name}.resumed.safetensors", 5 if name == "z0b" else 4)
