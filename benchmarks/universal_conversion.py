@@ -37,7 +37,8 @@ def make_checkpoint(work: Path, d_model: int, n_layers: int, world: int, stage: 
     from llp_pretrain.training.distributed import free_port
 
     write_tiny_dataset(work / "ds", seq_len=16, train_samples=[16, 16], val_samples=[4], vocab_size=128)
-    cfg = tiny_run_config(work / "ds", work / "run", deepspeed=str(REPO / "configs" / "deepspeed" / f"zero{stage}.json"),
+    ds_json = str(REPO / "configs" / "deepspeed" / f"zero{stage}.json")
+    cfg = tiny_run_config(work / "ds", work / "run", deepspeed=ds_json,
                           model={"d_model": d_model, "n_heads": 8, "n_layers": n_layers},
                           train={"max_steps": 1, "micro_batch_size": 1, "precision": "fp32"},
                           data={"val_samples": 1})

@@ -16,8 +16,7 @@ written last, before the directory gets its name: the conversion is built in
 ``.stepNNNNNNNN.universal.partial/`` and renamed when complete. A leftover ``.partial`` directory (a
 killed conversion) is removed and the conversion redone; a complete copy is reused when its marker
 names the sha256 of the tag's ``run_meta.json`` (a tag saved again under the same name is converted
-again). The original
-tag is only read. Conversion and loads run under :func:`llp_pretrain.checkpoint.weights_only_loads`
+again). The original tag is only read. Conversion and loads run under :func:`llp_pretrain.checkpoint.weights_only_loads`
 after every ``*.pt`` file (the original tag's and the converted copy's) was scanned
 (:func:`~llp_pretrain.checkpoint.check_loadable`), so nothing loaded can run code.
 """
@@ -40,7 +39,8 @@ import torch
 
 from llp_pretrain import checkpoint as ckpt
 
-__all__ = ["needs_universal", "universal_dir", "convert_to_universal", "prepare_universal", "reseed_for_layout"]
+__all__ = ["needs_universal", "universal_dir", "convert_to_universal", "prepare_universal", "reseed_for_layout",
+           "describe_rng"]
 
 MARKER = "converted.json"
 SUFFIX = ".universal"
@@ -53,7 +53,8 @@ def needs_universal(meta: Dict[str, Any], world_size: int, tag_dir: Path) -> boo
     ZeRO-0 (fp32, and bf16, where DeepSpeed wraps AdamW whole) saves the optimizer state once in
     ``mp_rank_00_model_states.pt``: it loads on any world size. Raises ``ValueError`` (the way out
     included) for a ZeRO-0 checkpoint with per-rank optimizer files (DeepSpeed's ``BF16_Optimizer``,
-    e.g. with fp32 gradient accumulation), which DeepSpeed's universal loading does not cover at stage 0."""
+    chosen at stage 0 only under pipeline parallelism), which DeepSpeed's universal loading does not
+    cover at stage 0, and for a ZeRO checkpoint with fewer optimizer-state files than ranks."""
     old_world = int(meta.get("layout", {}).get("world_size", world_size))
     if old_world == world_size:
         return False
