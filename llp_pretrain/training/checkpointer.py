@@ -9,7 +9,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
 
 from llp_pretrain import checkpoint as ckpt
 from llp_pretrain.config import RunConfig, dump_yaml
@@ -19,6 +21,25 @@ from llp_pretrain.schedule import resumed_schedule, schedule_meta
 from .universal import describe_rng, needs_universal, reseed_for_layout
 
 __all__ = ["layout_meta", "check_resume_world", "check_resume_layout", "StartPoint", "resolve_start", "Checkpointer"]
+
+
+# per-parameter-group optimizer settings that come from the config (training/optim.py), never from a checkpoint
+GROUP_SETTINGS = ("weight_decay", "betas", "eps", "amsgrad", "maximize")
+
+
+def repair_optimizer_after_load(optimizer, settings: List[Dict[str, Any]]) -> None:
+    """Undo two things DeepSpeed's ZeRO-3 universal load does (``load_hp_checkpoint_state_from_
+    checkpoint_dir_stage3``) that would make the continued run silently differ from the
+    uninterrupted one: it copies the first parameter group's hyperparameters into every group
+    (weight decay on biases and norms), and it gives every partition's Adam state the *same* ``step``
+    tensor, which the optimizer then increments once per group per step (wrong bias correction).
+    ``settings``: per group, the :data:`GROUP_SETTINGS` read before the load (they belong to the
+    config, not the checkpoint). Harmless for loads that do neither."""
+    for group, kept in zip(optimizer.param_groups, settings):
+        group.update(kept)
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def layout_meta(cfg: RunConfig, d) -> Dict[str, Any]:
@@ -155,9 +176,12 @@ class Checkpointer:
         if self.start.where is None:
             return 0, 0
         where = self.start.load_from or self.start.where
+        groups = self.engine.optimizer.param_groups
+        settings = [{k: g[k] for k in GROUP_SETTINGS if k in g} for g in groups]
         with ckpt.weights_only_loads():  # DeepSpeed's torch.load calls cannot unpickle code
             load_path, _ = self.engine.load_checkpoint(str(where[0]), tag=where[1], load_optimizer_states=True,
                                                        load_lr_scheduler_states=True)
+        repair_optimizer_after_load(self.engine.optimizer, settings)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.start.path}")
         meta = self.start.meta
