@@ -374,10 +374,11 @@ def test_continue_on_other_data_parallel_size_via_export(two_ranks):
 def test_resume_with_other_data_parallel_size_fails_up_front(work):
     from llp_pretrain.config import load_config
     from llp_pretrain.engine import DistInfo, check_resume_layout
+    from llp_pretrain.layout import ParallelLayout
 
     cfg = load_config(raw=tiny_run_config(work / "ds", work / "x"), world_size=2)
     meta = {"layout": {"world_size": 1, "data_parallel_size": 1, "sequence_parallel_size": 1}}
-    d = DistInfo(0, 2, 0, 0, 2, 0, 1, torch.device("cpu"))
+    d = DistInfo(rank=0, local_rank=0, layout=ParallelLayout(world_size=2, sp_size=1), device=torch.device("cpu"))
     with pytest.raises(ValueError, match="relaunch with 1 processes.*llp-pretrain export"):
         check_resume_layout(meta, cfg, d, "CKPT")
 

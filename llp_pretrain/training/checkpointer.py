@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from llp_pretrain import checkpoint as ckpt
 from llp_pretrain.config import RunConfig, dump_yaml
+from llp_pretrain.layout import ParallelLayout
 from llp_pretrain.run_identity import check_resume_identity, start_point
 from llp_pretrain.schedule import resumed_schedule, schedule_meta
 
@@ -30,9 +31,8 @@ def check_resume_world(meta: Dict[str, Any], world_size: int, sequence_parallel_
     """Fail (``ValueError``) when a checkpoint was written with another data-parallel x
     sequence-parallel layout than ``world_size`` processes give, saying how to proceed. Used by the
     trainer and by the launchers' pre-flight check (``launch_utils layout``), before any start-up."""
-    old = meta.get("layout", {})
-    new = {"world_size": world_size, "data_parallel_size": world_size // sequence_parallel_size,
-           "sequence_parallel_size": sequence_parallel_size}
+    old, layout = meta.get("layout", {}), ParallelLayout(world_size, sequence_parallel_size)
+    new = {"world_size": layout.world_size, "data_parallel_size": layout.dp_size, "sequence_parallel_size": layout.sp_size}
     if (old.get("data_parallel_size") != new["data_parallel_size"]
             or old.get("sequence_parallel_size") != new["sequence_parallel_size"]):
         raise ValueError(
