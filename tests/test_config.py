@@ -72,7 +72,8 @@ def test_batch_size_rule(ds, tmp_path):
                                                        "global_batch_size": 6})
     with pytest.raises(ConfigError) as ei:
         load_config(raw=raw, world_size=2)
-    assert "6 != micro_batch_size * grad_accum_steps * data_parallel_size = 2 * 2 * 2 = 8" in str(ei.value)
+    assert ("global_batch_size=6 != train.micro_batch_size=2 x train.grad_accum_steps=2 x data_parallel_size=2 "
+            "(= 8)") in str(ei.value)
 
 
 def test_layout_rules(ds, tmp_path):
@@ -81,7 +82,7 @@ def test_layout_rules(ds, tmp_path):
     with pytest.raises(ConfigError) as ei:
         load_config(raw=raw, world_size=3)
     msg = str(ei.value)
-    assert "does not divide the world size 3" in msg
+    assert "world_size=3 is not divisible by parallel.sequence_parallel_size=2" in msg
     assert "needs model.variant: llp" in msg
 
 
@@ -213,7 +214,7 @@ def test_seventeen_problems_come_in_one_round(ds, tmp_path):
         "data.shuffle_buffer": "greater than or equal to 1",
         "data.num_workers": "2 train shard(s) cannot feed",              # cross check, shuffle_buffer wrong
         "train.max_steps": "valid integer",
-        "train.global_batch_size": "not a multiple of micro_batch_size",  # cross check, max_steps wrong
+        "train.global_batch_size": "not a positive multiple of train.micro_batch_size",  # cross check, max_steps wrong
         "train.min_lr": "0.01 is above train.lr 0.001",
         "deepspeed:fp16": '"fp16" must be a JSON object',
         "deepspeed:zero_optimization.stage": "stage 7 must be 0, 1, 2 or 3",
