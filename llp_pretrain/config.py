@@ -25,12 +25,15 @@ import difflib
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Literal, Optional, Tuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from llp_pretrain.layout import LayoutError, ParallelLayout
+
+if TYPE_CHECKING:  # the models package imports torch: resolved when a config is first loaded (_model_config_cls)
+    from llp_pretrain.models import ModelConfig
 
 __all__ = [
     "ConfigError",
@@ -168,7 +171,8 @@ class RunSection(_Strict):
 
 
 class RunConfig(BaseModel):
-    """The validated run config. ``model`` is a :class:`llp_pretrain.models.ModelConfig`.
+    """The validated run config. ``model`` is a :class:`llp_pretrain.models.ModelConfig` (the type is
+    resolved by :func:`load_config`, which imports the models package).
 
     Derived fields (filled by :func:`load_config`): ``world_size``, ``data_parallel_size``,
     ``train.grad_accum_steps``, ``train.global_batch_size``, ``ds_config`` (the resolved DeepSpeed
@@ -177,7 +181,7 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
-    model: Any
+    model: ModelConfig
     data: DataConfig
     train: TrainConfig
     parallel: ParallelConfig = ParallelConfig()
@@ -268,7 +272,10 @@ def read_manifest(path: str | os.PathLike) -> Dict[str, Any]:
 class UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a mapping with the same key twice (PyYAML keeps the last one
     silently, so a repeated ``lr:`` would quietly override the first). Merge keys (``<<``) may still
-    be overridden by explicit keys, as YAML specifies."""
+    be overridden by explicit keys, as YAML specifies. With ``duplicates`` set to a list, every
+    repeated key is recorded there as ``(line, message)`` instead of raising at the first."""
+
+    duplicates: Optional[List[Tuple[int, str]]] = None
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -282,18 +289,20 @@ class UniqueKeyLoader(yaml.SafeLoader):
                 except TypeError:  # an unhashable (complex) key: the base class reports it
                     continue
                 if first != key_node.start_mark.line + 1:
-                    raise yaml.constructor.ConstructorError(
-                        "while constructing a mapping", node.start_mark,
-                        f"duplicate key {key!r} (first given at line {first}); keep one of them",
-                        key_node.start_mark)
+                    what = f"duplicate key {key!r} (first given at line {first}); keep one of them"
+                    if self.duplicates is not None:
+                        self.duplicates.append((key_node.start_mark.line + 1, what))
+                        continue
+                    raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                            what, key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
 
 
 def read_yaml_file(path: Path) -> Tuple[Any, str]:
     """Parse a YAML file strictly (UTF-8 text, no duplicate keys, no Python tags): ``(data, text)``.
 
-    Raises :class:`ConfigError` naming the file and line (not UTF-8, not valid YAML, duplicate key,
-    unreadable)."""
+    Raises :class:`ConfigError` naming the file and line (not UTF-8, not valid YAML, unreadable), or
+    naming every duplicate key at once."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -304,13 +313,20 @@ def read_yaml_file(path: Path) -> Tuple[Any, str]:
         line = data[:e.start].count(b"\n") + 1
         raise ConfigError(str(path), [(f"line {line}", f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
                                        f"{e.start}); save the file as UTF-8")]) from None
+    loader = UniqueKeyLoader(text)
+    loader.duplicates = []
     try:
-        return yaml.load(text, Loader=UniqueKeyLoader), text
+        data = loader.get_single_data()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "<file>"
         what = getattr(e, "problem", None) or str(e)
         raise ConfigError(str(path), [(where, f"not valid YAML: {what}")]) from None
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        raise ConfigError(str(path), [(f"line {ln}", f"not valid YAML: {what}") for ln, what in loader.duplicates])
+    return data, text
 
 # --------------------------------------------------------------------------------------------
 # YAML line numbers
@@ -399,8 +415,12 @@ def _pydantic_problems(section: str, cls, err: ValidationError) -> List[Tuple[st
 
 
 def _model_config_cls():
-    from llp_pretrain.models import ModelConfig  # imported late: models may be absent in partial installs
+    """``ModelConfig``, imported late (it brings torch; models may be absent in partial installs), and
+    ``RunConfig.model`` typed with it."""
+    from llp_pretrain.models import ModelConfig
 
+    if not RunConfig.__pydantic_complete__:
+        RunConfig.model_rebuild(_types_namespace={"ModelConfig": ModelConfig})
     return ModelConfig
 
 
