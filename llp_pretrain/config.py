@@ -899,7 +899,8 @@ def _resolve_ds_config(ds: Dict[str, Any], known: Dict[str, Any], prec: Optional
 
 
 def dump_yaml(data: Dict[str, Any], path: Path) -> None:
-    """Write ``data`` as YAML atomically (temporary name, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    """Write ``data`` as YAML atomically (``data_prep.atomic.write_atomic``: temporary name, then rename)."""
+    from data_prep.atomic import write_atomic
+
+    text = yaml.safe_dump(data, sort_keys=False)
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
