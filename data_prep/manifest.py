@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .atomic import write_atomic, write_json_atomic  # noqa: F401  (the one atomic writer, re-exported)
 from .errors import DataPrepError, check_utf8_name, os_error_message
 
 FORMAT_VERSION = 1
@@ -84,35 +85,6 @@ def ensure_dir(path: os.PathLike, option: str = "--out") -> Path:
     except OSError as e:
         raise DataPrepError(os_error_message(e, f"preparing {option} {p}")) from e
     return p
-
-
-def write_atomic(path: os.PathLike, write) -> None:
-    """Write ``path`` via a temporary file (named after ``path`` and this process): ``write(f)`` fills
-    the binary file object, then fsync + rename. The temporary file is removed if anything fails
-    (a full disk), so either the old file or the complete new one is there.
-
-    Raises:
-        OSError: the write failed, with ``filename`` set to ``path`` (the CLI turns it into one line).
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None:
-            e.filename = str(path)       # a failed write() does not say which file
-        raise
-
-
-def write_json_atomic(path: os.PathLike, obj, indent: int = 1) -> None:
-    """Write ``obj`` as JSON to ``path`` with :func:`write_atomic`. Raises ``OSError`` as it does."""
-    text = json.dumps(obj, indent=indent, sort_keys=False, ensure_ascii=False) + "\n"
-    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _is_int(v, lo: int = 0) -> bool:

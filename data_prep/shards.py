@@ -5,8 +5,8 @@ about ``BATCH_CHARS`` characters; ``workers`` processes encode batches with Sent
 ``2 * workers + 1`` batches in flight, results consumed in submission order, so memory is bounded and
 the output does not depend on ``workers``); the main process appends EOS after each document,
 packs each split's token stream into samples of ``seq_len + 1`` tokens that share one boundary token
-(``docs/internals.md``) and writes them with ``webdataset.TarWriter`` to ``NAME.partial`` files that
-are renamed when complete. ``manifest.json`` is written last.
+(``docs/internals.md``) and writes them as WebDataset tars (:class:`_SampleTar`, standard ``tarfile``)
+to ``NAME.partial`` files that are renamed when complete. ``manifest.json`` is written last.
 """
 from __future__ import annotations
 
@@ -152,6 +152,27 @@ def _named(e: OSError, path) -> OSError:
     return e
 
 
+class _SampleTar:
+    """A WebDataset tar written with the standard ``tarfile`` module, streaming (``w|``): one member
+    ``KEY.EXT`` per field of a sample in sorted ``EXT`` order (WebDataset's convention), plain USTAR
+    headers, fixed mtime (:data:`TAR_MTIME`), owner ``llp`` and mode 0444, so the bytes depend on the
+    samples only. (``webdataset.TarWriter`` computes a USTAR format but does not pass it to
+    ``tarfile.open``, so its tars get PAX headers, and it has no public way to change that.)"""
+
+    def __init__(self, fileobj) -> None:
+        self._tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT)
+
+    def write(self, key: str, fields: Dict[str, bytes]) -> None:
+        for ext in sorted(fields):
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(fields[ext]), TAR_MTIME, 0o444
+            info.uname = info.gname = "llp"
+            self._tar.addfile(info, io.BytesIO(fields[ext]))
+
+    def close(self) -> None:
+        self._tar.close()
+
+
 class _ShardSink:
     """Writes one split's samples into ``SPLIT-NNNNNN.tar`` shards of ``samples_per_shard``."""
 
@@ -166,24 +187,18 @@ class _ShardSink:
         self._tmp: Optional[Path] = None
 
     def _open(self) -> None:
-        import webdataset as wds
-
         name = shard_name(self.split, self.first_index + len(self.shards))
         self._tmp = self.out / (name + PARTIAL_SUFFIX)
         self._file = open(self._tmp, "wb")
         self._hf = _HashingFile(self._file)
-        self._tw = wds.TarWriter(self._hf, encoder=False, mtime=TAR_MTIME, user="llp",
-                                 group="llp", mode=0o444)
-        # TarWriter computes its (USTAR) format but does not hand it to tarfile.open, which then
-        # defaults to PAX; plain USTAR headers are what it means, and are ~15% faster to write.
-        self._tw.tarstream.format = tarfile.USTAR_FORMAT
+        self._tw = _SampleTar(self._hf)
         self._n = 0
 
     def write(self, key: str, npy: bytes, meta: bytes) -> None:
         try:
             if self._tw is None:
                 self._open()
-            self._tw.write({"__key__": key, "tokens.npy": npy, "json": meta})
+            self._tw.write(key, {"tokens.npy": npy, "json": meta})
         except OSError as e:
             raise _named(e, self._tmp or self.out)
         self._n += 1

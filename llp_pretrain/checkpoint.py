@@ -30,6 +30,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from data_prep.atomic import write_atomic, write_json_atomic  # the one atomic writer (write_json_atomic re-exported)
+
 __all__ = [
     "tag_for",
     "step_of",
@@ -66,16 +68,6 @@ def step_of(tag: str) -> Optional[int]:
     if tag.startswith("step") and tag[4:].isdigit():
         return int(tag[4:])
     return None
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def complete_tags(ckpt_dir: Path) -> List[str]:
@@ -293,9 +285,7 @@ def finalize_save(ckpt_dir: Path, tag: str, meta: Dict[str, Any], keep: int) -> 
     """Rank 0, after every rank saved: write ``run_meta.json``, point ``latest`` at ``tag`` atomically,
     then delete complete tags beyond the newest ``keep`` and incomplete tags older than ``tag``."""
     write_json_atomic(ckpt_dir / tag / META, meta)
-    tmp = ckpt_dir / f".{LATEST}.tmp"
-    tmp.write_text(tag + "\n")
-    os.replace(tmp, ckpt_dir / LATEST)
+    write_atomic(ckpt_dir / LATEST, lambda f: f.write(f"{tag}\n".encode("utf-8")))
     tags = complete_tags(ckpt_dir)
     for old in tags[:-keep] if keep > 0 else []:
         if old != tag:

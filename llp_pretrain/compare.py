@@ -41,6 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from data_prep.atomic import write_atomic, write_json_atomic
 from llp_pretrain.models import VARIANTS
 
 __all__ = ["CompareSpec", "load_compare_config", "match_widths", "run_compare", "plot_loss_curves",
@@ -311,9 +312,7 @@ def step_time(model_dict: Dict[str, Any], batch: int, repeats: int, seed: int = 
 # plots
 
 def _save(fig, path: Path, series: Dict[str, Any]) -> None:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, metadata={SERIES_KEY: json.dumps(series)})
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110, metadata={SERIES_KEY: json.dumps(series)}))
 
 
 def val_spread(curves: Dict[str, Dict[str, List[Tuple[float, float]]]]) -> Optional[float]:
@@ -589,9 +588,7 @@ def run_compare(config: str, out: Optional[str] = None, variants: Optional[Seque
         "total_wall_time_s": time.time() - t_start,
         "tensorboard": f"tensorboard --logdir {run_dir / 'runs'}",
     }
-    tmp = run_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, run_dir / "results.json")
+    write_json_atomic(run_dir / "results.json", results)
     (run_dir / "results.md").write_text(render_markdown(results))
     say((run_dir / "results.md").read_text())
     say(f"[compare] TensorBoard: {results['tensorboard']}")

@@ -26,10 +26,15 @@ import difflib
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Literal, Optional, Tuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from llp_pretrain.layout import LayoutError, ParallelLayout
+
+if TYPE_CHECKING:  # the models package imports torch: resolved when a config is first loaded (_model_config_cls)
+    from llp_pretrain.models import ModelConfig
 
 __all__ = [
     "ConfigError",
@@ -44,6 +49,7 @@ __all__ = [
     "configs_dir",
     "read_manifest",
     "read_yaml_file",
+    "read_run_config",
     "output_dir_problem",
 ]
 
@@ -124,8 +130,10 @@ class TrainConfig(_Strict):
 
     max_steps: int = Field(gt=0)
     micro_batch_size: int = Field(gt=0, description="samples per rank per forward/backward")
-    global_batch_size: Optional[int] = Field(None, gt=0, description="samples per optimizer step, all ranks")
     grad_accum_steps: Optional[int] = Field(None, gt=0)
+    global_batch_size: Optional[int] = Field(
+        None, gt=0, description="samples per optimizer step, all ranks: micro_batch_size * grad_accum_steps * "
+        "data_parallel_size (checked against the run's layout, given as validation context)")
     lr: float = Field(3e-4, gt=0)
     min_lr: float = Field(3e-5, ge=0)
     warmup_steps: int = Field(100, ge=0)
@@ -150,11 +158,39 @@ class TrainConfig(_Strict):
         False, description="on resume, accept a dataset whose manifest differs from the checkpoint's (curricula): "
         "logged, and the new data is read from its beginning")
 
+    @field_validator("global_batch_size")
+    @classmethod
+    def _batch_rule(cls, gb: Optional[int], info: ValidationInfo) -> Optional[int]:
+        """``global = micro * grad_accum * data_parallel_size`` for the layout in the validation context
+        (``{"layout": ParallelLayout}``; without one, or with a wrong batch field, not checked here)."""
+        layout = (info.context or {}).get("layout")
+        if gb is not None and layout is not None and {"micro_batch_size", "grad_accum_steps"} <= info.data.keys():
+            layout.batch(info.data["micro_batch_size"], info.data["grad_accum_steps"], gb)  # raises LayoutError
+        return gb
+
+    @field_validator("min_lr")
+    @classmethod
+    def _min_lr_not_above_lr(cls, min_lr: float, info: ValidationInfo) -> float:
+        lr = info.data.get("lr")
+        if lr is not None and min_lr > lr:
+            raise ValueError(f"{min_lr} is above train.lr {lr}")
+        return min_lr
+
 
 class ParallelConfig(_Strict):
     """``parallel`` section."""
 
     sequence_parallel_size: int = Field(1, ge=1)
+
+    @field_validator("sequence_parallel_size")
+    @classmethod
+    def _divides_world(cls, sp: int, info: ValidationInfo) -> int:
+        """The world size in the validation context (``{"world_size": N}``) must be a multiple of it."""
+        world = (info.context or {}).get("world_size")
+        why = ParallelLayout.problem(world, sp) if world is not None else None
+        if why:
+            raise ValueError(why)
+        return sp
 
 
 class RunSection(_Strict):
@@ -162,9 +198,17 @@ class RunSection(_Strict):
 
     output_dir: str
 
+    @field_validator("output_dir")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty; give the run directory (e.g. runs/my_run)")
+        return v
+
 
 class RunConfig(BaseModel):
-    """The validated run config. ``model`` is a :class:`llp_pretrain.models.ModelConfig`.
+    """The validated run config. ``model`` is a :class:`llp_pretrain.models.ModelConfig` (the type is
+    resolved by :func:`load_config`, which imports the models package).
 
     Derived fields (filled by :func:`load_config`): ``world_size``, ``data_parallel_size``,
     ``train.grad_accum_steps``, ``train.global_batch_size``, ``ds_config`` (the resolved DeepSpeed
@@ -173,7 +217,7 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
-    model: Any
+    model: ModelConfig
     data: DataConfig
     train: TrainConfig
     parallel: ParallelConfig = ParallelConfig()
@@ -214,11 +258,16 @@ def configs_dir() -> Optional[Path]:
 def find_config_file(name: str, relative_to: Optional[Path] = None) -> Path:
     """Resolve a config path: as given (absolute or from the working directory), then relative
     to ``relative_to`` (the referencing YAML's folder), then in the shipped configs (with or
-    without a leading ``configs/``). Raises ``FileNotFoundError`` listing the places tried."""
+    without a leading ``configs/``). Raises ``IsADirectoryError`` when ``name`` is a directory (naming
+    the YAML files in it) and ``FileNotFoundError`` listing the places tried."""
     p = Path(name).expanduser()
     tried = [p]
     if p.is_file():
         return p.resolve()
+    if p.is_dir():
+        found = sorted(q.name for q in p.glob("*.y*ml"))[:5]
+        raise IsADirectoryError(f"config {name!r} is a directory, not a run YAML file; give the file"
+                                + (f" (it holds: {', '.join(found)})" if found else ""))
     if not p.is_absolute():
         if relative_to is not None:
             q = relative_to / p
@@ -259,7 +308,10 @@ def read_manifest(path: str | os.PathLike) -> Dict[str, Any]:
 class UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a mapping with the same key twice (PyYAML keeps the last one
     silently, so a repeated ``lr:`` would quietly override the first). Merge keys (``<<``) may still
-    be overridden by explicit keys, as YAML specifies."""
+    be overridden by explicit keys, as YAML specifies. With ``duplicates`` set to a list, every
+    repeated key is recorded there as ``(line, message)`` instead of raising at the first."""
+
+    duplicates: Optional[List[Tuple[int, str]]] = None
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -273,18 +325,20 @@ class UniqueKeyLoader(yaml.SafeLoader):
                 except TypeError:  # an unhashable (complex) key: the base class reports it
                     continue
                 if first != key_node.start_mark.line + 1:
-                    raise yaml.constructor.ConstructorError(
-                        "while constructing a mapping", node.start_mark,
-                        f"duplicate key {key!r} (first given at line {first}); keep one of them",
-                        key_node.start_mark)
+                    what = f"duplicate key {key!r} (first given at line {first}); keep one of them"
+                    if self.duplicates is not None:
+                        self.duplicates.append((key_node.start_mark.line + 1, what))
+                        continue
+                    raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                            what, key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
 
 
 def read_yaml_file(path: Path) -> Tuple[Any, str]:
     """Parse a YAML file strictly (UTF-8 text, no duplicate keys, no Python tags): ``(data, text)``.
 
-    Raises :class:`ConfigError` naming the file and line (not UTF-8, not valid YAML, duplicate key,
-    unreadable)."""
+    Raises :class:`ConfigError` naming the file and line (not UTF-8, not valid YAML, unreadable), or
+    naming every duplicate key at once."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -295,13 +349,20 @@ def read_yaml_file(path: Path) -> Tuple[Any, str]:
         line = data[:e.start].count(b"\n") + 1
         raise ConfigError(str(path), [(f"line {line}", f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
                                        f"{e.start}); save the file as UTF-8")]) from None
+    loader = UniqueKeyLoader(text)
+    loader.duplicates = []
     try:
-        return yaml.load(text, Loader=UniqueKeyLoader), text
+        data = loader.get_single_data()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "<file>"
         what = getattr(e, "problem", None) or str(e)
         raise ConfigError(str(path), [(where, f"not valid YAML: {what}")]) from None
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        raise ConfigError(str(path), [(f"line {ln}", f"not valid YAML: {what}") for ln, what in loader.duplicates])
+    return data, text
 
 # --------------------------------------------------------------------------------------------
 # YAML line numbers
@@ -382,14 +443,20 @@ def _pydantic_problems(section: str, cls, err: ValidationError) -> List[Tuple[st
             out.append((loc, "unknown key" + _suggest(e["loc"][-1], fields)))
         elif e["type"] == "missing":
             out.append((loc, "required key is missing"))
+        elif e["type"] == "value_error":  # our validators' messages are whole sentences
+            out.append((loc, str(e.get("ctx", {}).get("error", e["msg"]))))
         else:
             out.append((loc, f"{e['msg']} (got {e.get('input')!r})"))
     return out
 
 
 def _model_config_cls():
-    from llp_pretrain.models import ModelConfig  # imported late: models may be absent in partial installs
+    """``ModelConfig``, imported late (it brings torch; models may be absent in partial installs), and
+    ``RunConfig.model`` typed with it."""
+    from llp_pretrain.models import ModelConfig
 
+    if not RunConfig.__pydantic_complete__:
+        RunConfig.model_rebuild(_types_namespace={"ModelConfig": ModelConfig})
     return ModelConfig
 
 
@@ -424,7 +491,8 @@ def resolve_tokenizer(data: DataConfig, manifest: Optional[Dict[str, Any]] = Non
 
 
 def _validate_section(name: str, cls, val: Dict[str, Any], problems: List[Tuple[str, str]],
-                      placeholders: Optional[Dict[str, Any]] = None) -> Tuple[Any, set]:
+                      placeholders: Optional[Dict[str, Any]] = None,
+                      context: Optional[Dict[str, Any]] = None) -> Tuple[Any, set]:
     """Validate one section: ``(object, bad_fields)``.
 
     When fields are wrong, their problems are added and the section is validated again without
@@ -432,9 +500,10 @@ def _validate_section(name: str, cls, val: Dict[str, Any], problems: List[Tuple[
     combination checks and the cross-field checks still run on the fields that are right: the
     object is then a *partial* one, for checks only, and ``bad_fields`` names what it lacks.
     A combination problem found on that second pass is reported unless it mentions a bad field
-    (it may come from a stand-in). The object is None when even that is impossible."""
+    (it may come from a stand-in). The object is None when even that is impossible. ``context`` is
+    pydantic's validation context for the cross-field validators (``world_size``, ``layout``)."""
     try:
-        return cls.model_validate(val), set()
+        return cls.model_validate(val, context=context), set()
     except ValidationError as e:
         problems.extend(_pydantic_problems(name, cls, e))
         bad = {str(err["loc"][0]) for err in e.errors() if err["loc"]}
@@ -450,7 +519,7 @@ def _validate_section(name: str, cls, val: Dict[str, Any], problems: List[Tuple[
     if any(f not in keep and info.is_required() for f, info in cls.model_fields.items()):
         return None, bad
     try:
-        return cls.model_validate(keep), bad
+        return cls.model_validate(keep, context=context), bad
     except (ValidationError, ValueError) as e:
         errs = e.errors() if isinstance(e, ValidationError) else [{"loc": (), "msg": str(e)}]
         for err in errs:
@@ -532,27 +601,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: Optional[List[
             wrong field does not hide the checks of the fields next to it.
         FileNotFoundError: the YAML itself does not exist.
     """
-    parsed, problems = _parse_overrides(list(overrides or []))
-    lines: Dict[str, int] = {}
-    if raw is None:
-        src = find_config_file(str(path))
-        try:
-            raw, text = read_yaml_file(src)
-        except ConfigError as e:
-            raise ConfigError(e.source, e.problems + problems) from None
-        lines = _line_map(text)
-        source, base_dir = str(src), src.parent
-    else:
-        raw = copy.deepcopy(raw)
-        source, base_dir = "<dict>", Path.cwd()
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(source, [("<top>", "the run config must be a mapping of sections")] + problems)
-    overridden = set()
-    for key_path, value in parsed:
-        _apply_override(raw, key_path, value)
-        overridden.add(".".join(key_path))
+    src = find_config_file(str(path)) if raw is None else None
+    raw, overridden, lines, problems = _read_raw(src, overrides, raw)
+    source, base_dir = (str(src), src.parent) if src is not None else ("<dict>", Path.cwd())
 
     def where(loc: str) -> str:
         parts = loc.split(".")
@@ -572,11 +623,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: Optional[List[
         if key not in raw:
             problems.append((key, "required section is missing"))
     world_size = _resolve_world_size(world_size, problems)
-    secs = _validate_sections(raw, problems)
+    secs, layout = _validate_sections(raw, world_size, problems)
     manifest = _check_data(secs, check_data, problems)
     model, model_bad = _check_model(raw.get("model"), secs, manifest, problems)
     secs["model"] = (model, model_bad, raw.get("model"))
-    dp, batch = _check_layout_and_batch(secs, world_size, manifest, problems)
+    dp, batch = _check_layout_and_batch(secs, layout, manifest, problems)
     ds_resolved, ds_config = _check_deepspeed(raw.get("deepspeed"), base_dir, secs, batch, problems)
 
     if problems:
@@ -590,10 +641,50 @@ def load_config(path: str | os.PathLike | None = None, overrides: Optional[List[
                      data_parallel_size=dp, ds_config=ds_config, source=source, manifest=manifest)
 
 
-def _validate_sections(raw: Dict[str, Any], problems) -> Dict[str, Tuple[Any, set, Any]]:
-    """``name -> (object or partial object or None, bad fields, raw value)`` for data/train/parallel/run."""
-    out = {}
-    for name, cls in (("data", DataConfig), ("train", TrainConfig), ("parallel", ParallelConfig), ("run", RunSection)):
+def read_run_config(path: str | os.PathLike, overrides: Optional[List[str]] = None) -> Dict[str, Any]:
+    """The run YAML at ``path`` (looked up with :func:`find_config_file`) as a dict, ``--set``
+    ``overrides`` applied: the same reading :func:`load_config` does, without the validation (the
+    launchers read the layout settings with it). Raises :class:`ConfigError` (YAML or ``--set``
+    problems, all of them), ``FileNotFoundError`` / ``IsADirectoryError`` (the path)."""
+    src = find_config_file(str(path))
+    raw, _, _, problems = _read_raw(src, overrides, None)
+    if problems:
+        raise ConfigError(str(src), problems)
+    return raw
+
+
+def _read_raw(src: Optional[Path], overrides: Optional[List[str]], raw: Optional[Dict[str, Any]]):
+    """Parse the YAML at ``src`` (or copy ``raw``) and apply the well-formed ``overrides``:
+    ``(tree, overridden dotted keys, YAML line map, problems of the malformed overrides)``.
+    Raises :class:`ConfigError` when the file or its top level cannot be read as a mapping."""
+    parsed, problems = _parse_overrides(list(overrides or []))
+    lines: Dict[str, int] = {}
+    if src is not None:
+        try:
+            raw, text = read_yaml_file(src)
+        except ConfigError as e:
+            raise ConfigError(e.source, e.problems + problems) from None
+        lines = _line_map(text)
+    else:
+        raw = copy.deepcopy(raw)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(str(src or "<dict>"), [("<top>", "the run config must be a mapping of sections")] + problems)
+    overridden = set()
+    for key_path, value in parsed:
+        _apply_override(raw, key_path, value)
+        overridden.add(".".join(key_path))
+    return raw, overridden, lines, problems
+
+
+def _validate_sections(raw: Dict[str, Any], world_size: Optional[int], problems):
+    """``({name: (object or partial object or None, bad fields, raw value)}, layout)`` for
+    data/parallel/train/run. ``parallel`` is validated first: with ``world_size`` it gives the run's
+    :class:`ParallelLayout` (None when either is wrong), the context of ``train``'s batch rule."""
+    out: Dict[str, Tuple[Any, set, Any]] = {}
+    context: Dict[str, Any] = {"world_size": world_size, "layout": None}
+    for name, cls in (("data", DataConfig), ("parallel", ParallelConfig), ("train", TrainConfig), ("run", RunSection)):
         val = raw.get(name, {} if name == "parallel" else None)
         if val is None:
             out[name] = (None, set(), None)
@@ -601,15 +692,17 @@ def _validate_sections(raw: Dict[str, Any], problems) -> Dict[str, Tuple[Any, se
             problems.append((name, f"must be a mapping, got {type(val).__name__}"))
             out[name] = (None, set(), None)
         else:
-            obj, bad = _validate_section(name, cls, val, problems)
+            obj, bad = _validate_section(name, cls, val, problems, context=context)
             out[name] = (obj, bad, val)
+        if name == "parallel" and out[name][0] is not None and not out[name][1] and world_size is not None:
+            context["layout"] = ParallelLayout(world_size, out[name][0].sequence_parallel_size)
     run, run_bad, run_raw = out["run"]
     out_dir = _value(run, run_raw, run_bad, "output_dir", str)
     if out_dir is not None:
         why = output_dir_problem(out_dir)
         if why:
             problems.append(("run.output_dir", why))
-    return out
+    return out, context["layout"]
 
 
 def _check_data(secs, check_data: bool, problems) -> Optional[Dict[str, Any]]:
@@ -700,20 +793,16 @@ def _check_model(model_raw: Any, secs, manifest, problems):
     return model, bad
 
 
-def _check_layout_and_batch(secs, world_size: Optional[int], manifest, problems):
-    """Sequence/data parallel layout and the batch-size rule. Returns ``(dp, batch fields)``."""
-    parallel, par_bad, par_raw = secs["parallel"]
+def _check_layout_and_batch(secs, layout: Optional[ParallelLayout], manifest, problems):
+    """The rules between sections (sequence parallelism needs an LLP model with whole segments per
+    rank, the shards must feed the readers) and the derived batch fields (the batch rule itself is
+    ``TrainConfig``'s validator). ``layout``: the run's layout, None when it is wrong or unknown.
+    Returns ``(data_parallel_size or None, batch fields)``."""
+    par_raw = secs["parallel"][2]
     model, model_bad, model_raw = secs["model"]
-    dp = None
-    sp = _value(parallel, par_raw, par_bad, "sequence_parallel_size")
+    dp = layout.dp_size if layout is not None else None
+    sp = _value(None, par_raw, set(), "sequence_parallel_size")  # an int even when it does not fit the world size
     variant = _value(model, model_raw, model_bad, "variant", str)
-    if sp is not None and sp >= 1 and world_size is not None:
-        if world_size % sp != 0:
-            problems.append(("parallel.sequence_parallel_size",
-                             f"{sp} does not divide the world size {world_size} (processes); "
-                             f"launch a multiple of {sp} processes"))
-        else:
-            dp = world_size // sp
     if sp is not None and sp > 1 and variant is not None and variant != "llp":
         problems.append(("parallel.sequence_parallel_size", f"{sp} > 1 needs model.variant: llp (got {variant!r})"))
     elif sp is not None and sp > 1 and model is not None and model.segment_len:
@@ -726,26 +815,14 @@ def _check_layout_and_batch(secs, world_size: Optional[int], manifest, problems)
     train, train_bad, train_raw = secs["train"]
     mb, ga, gb = (_value(train, train_raw, train_bad, k)
                   for k in ("micro_batch_size", "grad_accum_steps", "global_batch_size"))
-    if "grad_accum_steps" in train_bad or "global_batch_size" in train_bad:
-        mb = None  # the rule needs all three; a wrong one was reported already
     batch = {"micro_batch_size": mb, "grad_accum_steps": None, "global_batch_size": None}
-    if mb is not None and mb > 0 and dp is not None and all(v is None or v > 0 for v in (ga, gb)):
-        if ga is None and gb is None:
-            ga = 1
-        if ga is None:
-            if gb % (mb * dp):
-                problems.append(("train.global_batch_size",
-                                 f"{gb} is not a multiple of micro_batch_size * data_parallel_size = {mb} * {dp}"))
-            else:
-                ga = gb // (mb * dp)
-        if gb is None and ga is not None:
-            gb = mb * ga * dp
-        if ga is not None and gb != mb * ga * dp:
-            problems.append(("train.global_batch_size",
-                             f"{gb} != micro_batch_size * grad_accum_steps * data_parallel_size = "
-                             f"{mb} * {ga} * {dp} = {mb * ga * dp}"))
-        elif ga is not None:
+    wrong = {"grad_accum_steps", "global_batch_size"} & train_bad  # reported already (types or the rule)
+    if mb is not None and layout is not None and not wrong and all(v is None or v > 0 for v in (mb, ga, gb)):
+        try:
+            ga, gb = layout.batch(mb, ga, gb)
             batch.update(grad_accum_steps=ga, global_batch_size=gb)
+        except LayoutError as e:  # TrainConfig's validator checks it; here only when the section is partial
+            problems.append(("train.global_batch_size", str(e)))
     data, data_bad, data_raw = secs["data"]
     readers = _value(data, data_raw, data_bad, "virtual_readers")
     counts = secs.get("train_shards")
@@ -757,9 +834,6 @@ def _check_layout_and_batch(secs, world_size: Optional[int], manifest, problems)
             problems.append(("data.virtual_readers" if readers else "train.global_batch_size", why))
         else:
             batch["virtual_readers"] = resolve_virtual_readers(batch["global_batch_size"], counts, readers)
-    lr, min_lr = (_value(train, train_raw, train_bad, k, (int, float)) for k in ("lr", "min_lr"))
-    if lr is not None and min_lr is not None and min_lr > lr:
-        problems.append(("train.min_lr", f"{min_lr} is above train.lr {lr}"))
     return dp, batch
 
 
@@ -898,7 +972,8 @@ def _resolve_ds_config(ds: Dict[str, Any], known: Dict[str, Any], prec: Optional
 
 
 def dump_yaml(data: Dict[str, Any], path: Path) -> None:
-    """Write ``data`` as YAML atomically (temporary name, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    """Write ``data`` as YAML atomically (``data_prep.atomic.write_atomic``: temporary name, then rename)."""
+    from data_prep.atomic import write_atomic
+
+    text = yaml.safe_dump(data, sort_keys=False)
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))

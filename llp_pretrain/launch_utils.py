@@ -35,6 +35,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from llp_pretrain.layout import ParallelLayout
+
 __all__ = [
     "LaunchError",
     "LayoutError",
@@ -260,30 +262,21 @@ class WorldLayout:
         return self.nnodes * self.nproc_per_node
 
     @property
+    def parallel(self) -> ParallelLayout:
+        """The run's data-parallel x sequence-parallel layout (the one the engine builds)."""
+        return ParallelLayout(self.world_size, self.sequence_parallel_size)
+
+    @property
     def data_parallel_size(self) -> int:
-        return self.world_size // self.sequence_parallel_size
+        return self.parallel.dp_size
+
+    def node_of(self, rank: int) -> int:
+        """The node that global ``rank`` runs on."""
+        return rank // self.nproc_per_node
 
     def node_ranks(self, node_rank: int) -> range:
         """Global ranks of node ``node_rank``."""
         return range(node_rank * self.nproc_per_node, (node_rank + 1) * self.nproc_per_node)
-
-
-def _apply_overrides(cfg: dict, assignments: Sequence[str]) -> None:
-    """Apply ``key.sub=value`` overrides to a nested dict in place, parsed by the run config's own
-    :func:`llp_pretrain.config.parse_overrides` (values are YAML scalars)."""
-    from llp_pretrain.config import ConfigError, parse_overrides
-
-    try:
-        parsed = parse_overrides(list(assignments))
-    except ConfigError as exc:
-        raise LaunchError(str(exc)) from None
-    for path, value in parsed:
-        node = cfg
-        for k in path[:-1]:
-            if not isinstance(node.get(k), dict):
-                node[k] = {}
-            node = node[k]
-        node[path[-1]] = value
 
 
 def extract_set_args(args: Sequence[str]) -> List[str]:
@@ -317,33 +310,27 @@ def resolve_config_path(config: "str | os.PathLike") -> Path:
 
     try:
         return find_config_file(str(config))
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, IsADirectoryError) as exc:
         raise LaunchError(str(exc)) from None
 
 
 def read_layout_settings(config: "str | os.PathLike", overrides: Sequence[str] = ()) -> Dict[str, Optional[int]]:
-    """Read the settings a launcher checks from a run YAML plus ``--set`` overrides.
+    """Read the settings a launcher checks from a run YAML plus ``--set`` overrides, read as the
+    training CLI reads them (:func:`llp_pretrain.config.read_run_config`).
 
     Returns ``{"sequence_parallel_size", "num_workers", "global_batch_size", "micro_batch_size",
     "grad_accum_steps"}`` (``sequence_parallel_size`` defaults to 1, the others to ``None`` when
     absent). Only these keys are read here; the training CLI validates the whole config.
-    Raises :class:`LaunchError` naming the file if it is missing, not YAML, or a value is not an
-    integer.
+    Raises :class:`LaunchError` naming the file if it is missing, not YAML (duplicate keys too), a
+    ``--set`` item is malformed, or a value is not an integer.
     """
-    import yaml
+    from llp_pretrain.config import ConfigError, read_run_config
 
     p = resolve_config_path(config)
     try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise LaunchError(f"cannot read config {p}: {exc.strerror}") from None
-    try:
-        cfg = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise LaunchError(f"config {p} is not valid YAML: {exc}") from None
-    if not isinstance(cfg, dict):
-        raise LaunchError(f"config {p}: top level must be a mapping with sections model/data/train/...")
-    _apply_overrides(cfg, overrides)
+        cfg = read_run_config(p, list(overrides))  # the training CLI's own reading of the YAML and --set
+    except ConfigError as exc:
+        raise LaunchError(str(exc)) from None
 
     def get(section: str, key: str):
         sec = cfg.get(section) or {}
@@ -394,39 +381,15 @@ def resolve_layout(
             raise LayoutError(f"{name} must be a positive integer, got {v!r}")
     if hosts and len(hosts) != nnodes:
         raise LayoutError(f"{len(hosts)} hosts ({', '.join(hosts)}) but nnodes={nnodes}")
-    world = nnodes * nproc_per_node
     sp = sequence_parallel_size
-    if world < sp:
-        raise LayoutError(
-            f"too few processes for sequence parallelism: world_size={world} "
-            f"({nnodes} node(s) x {nproc_per_node} process(es)) < parallel.sequence_parallel_size={sp}; "
-            f"start at least {sp} processes or lower parallel.sequence_parallel_size"
-        )
-    if world % sp:
-        lo = (world // sp) * sp
-        raise LayoutError(
-            f"world_size={world} ({nnodes} node(s) x {nproc_per_node} process(es)) is not divisible by "
-            f"parallel.sequence_parallel_size={sp}; use a multiple of {sp} processes "
-            f"(e.g. {lo} or {lo + sp}) or a sequence_parallel_size that divides {world}"
-        )
-    dp = world // sp
+    why = ParallelLayout.problem(nnodes * nproc_per_node, sp, f" ({nnodes} node(s) x {nproc_per_node} process(es))")
+    if why:
+        raise LayoutError(why)
     if global_batch_size is not None and micro_batch_size is not None:
-        per_step = micro_batch_size * dp
-        if grad_accum_steps is not None:
-            if global_batch_size != per_step * grad_accum_steps:
-                raise LayoutError(
-                    f"train.global_batch_size={global_batch_size} != train.micro_batch_size={micro_batch_size}"
-                    f" x train.grad_accum_steps={grad_accum_steps} x data_parallel_size={dp}"
-                    f" (= {per_step * grad_accum_steps}); with {world} processes and "
-                    f"sequence_parallel_size={sp}, set train.global_batch_size="
-                    f"{per_step * grad_accum_steps} or change the process count"
-                )
-        elif global_batch_size % per_step or global_batch_size < per_step:
-            raise LayoutError(
-                f"train.global_batch_size={global_batch_size} is not a positive multiple of "
-                f"train.micro_batch_size={micro_batch_size} x data_parallel_size={dp} (= {per_step}); "
-                f"pick a global batch that is, or change the process count"
-            )
+        try:
+            ParallelLayout(nnodes * nproc_per_node, sp).batch(micro_batch_size, grad_accum_steps, global_batch_size)
+        except ValueError as exc:
+            raise LayoutError(str(exc)) from None
     return WorldLayout(
         nnodes=nnodes, nproc_per_node=nproc_per_node, sequence_parallel_size=sp, hosts=tuple(hosts),
         master_addr=master_addr, master_port=master_port, backend=backend,
@@ -460,17 +423,17 @@ def format_layout(layout: WorldLayout, launcher: str = "", node_rank: Optional[i
     if layout.master_addr:
         lines.append(f"{tag} rendezvous: {layout.master_addr}:{layout.master_port} (rank 0 runs on node 0)")
     if layout.global_batch_size is not None and layout.micro_batch_size is not None:
-        gas = layout.global_batch_size // (layout.micro_batch_size * layout.data_parallel_size)
+        gas, _ = layout.parallel.batch(layout.micro_batch_size, layout.grad_accum_steps, layout.global_batch_size)
         lines.append(
             f"{tag} batch: global_batch_size={layout.global_batch_size} = micro_batch_size="
             f"{layout.micro_batch_size} x grad_accum_steps={gas} x data_parallel_size={layout.data_parallel_size}"
         )
     sp = layout.sequence_parallel_size
     if sp > 1:
-        groups = [list(range(g, g + sp)) for g in range(0, layout.world_size, sp)]
+        groups = layout.parallel.sp_groups()
         shown = " ".join(f"[{g[0]}-{g[-1]}]" for g in groups[:4]) + (" ..." if len(groups) > 4 else "")
         lines.append(f"{tag} sequence-parallel groups (consecutive ranks): {shown}")
-        if layout.nnodes > 1 and layout.nproc_per_node % sp:
+        if any(len({layout.node_of(r) for r in g}) > 1 for g in groups):
             lines.append(f"{tag} warning: nproc_per_node={layout.nproc_per_node} is not a multiple of "
                          f"sequence_parallel_size={sp}: some groups span two nodes and their halo exchange "
                          "crosses the network")
@@ -496,7 +459,7 @@ def validate_run_config(config: "str | os.PathLike", overrides: Sequence[str], w
         return load_config(str(config), list(overrides), world_size=world_size)
     except ConfigError as exc:
         raise LaunchError(f"{exc}\n(checked for world_size={world_size} before starting training)") from None
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, IsADirectoryError) as exc:
         raise LaunchError(f"config {config}: {exc}") from None
 
 

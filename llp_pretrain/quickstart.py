@@ -142,6 +142,7 @@ def run_quickstart(out: str = "runs/quickstart", steps: Optional[int] = None, re
     from llp_pretrain.data import read_split_stream
     from llp_pretrain.engine import train
     from llp_pretrain.evaluate import bytes_per_token, unigram_eval
+    from llp_pretrain.training.distributed import destroy_process_group
 
     from llp_pretrain.config import output_dir_problem
 
@@ -161,7 +162,10 @@ def run_quickstart(out: str = "runs/quickstart", steps: Optional[int] = None, re
 
     done = step_of(read_latest(run_dir / "checkpoints") or "") or 0
     step_time = _announce(cfg, torch.device("cuda" if cuda else "cpu"), steps, cuda, done)
-    res = train(cfg, resume="auto" if existing.is_file() else None)
+    try:
+        res = train(cfg, resume="auto" if existing.is_file() else None)
+    finally:  # the process group train() formed is not needed for evaluation: gone on every exit path
+        destroy_process_group()
     if res.step < steps:  # stopped by a signal (or the time limit): no half-trained result is reported
         _say(f"training stopped at step {res.step} of {steps} ({res.stopped_by}); run the same command again to "
              "continue from the last checkpoint")

@@ -72,7 +72,8 @@ def test_batch_size_rule(ds, tmp_path):
                                                        "global_batch_size": 6})
     with pytest.raises(ConfigError) as ei:
         load_config(raw=raw, world_size=2)
-    assert "6 != micro_batch_size * grad_accum_steps * data_parallel_size = 2 * 2 * 2 = 8" in str(ei.value)
+    assert ("global_batch_size=6 != train.micro_batch_size=2 x train.grad_accum_steps=2 x data_parallel_size=2 "
+            "(= 8)") in str(ei.value)
 
 
 def test_layout_rules(ds, tmp_path):
@@ -81,7 +82,7 @@ def test_layout_rules(ds, tmp_path):
     with pytest.raises(ConfigError) as ei:
         load_config(raw=raw, world_size=3)
     msg = str(ei.value)
-    assert "does not divide the world size 3" in msg
+    assert "world_size=3 is not divisible by parallel.sequence_parallel_size=2" in msg
     assert "needs model.variant: llp" in msg
 
 
@@ -218,7 +219,7 @@ def test_seventeen_problems_come_in_one_round(ds, tmp_path):
         "data.shuffle_buffer": "greater than or equal to 1",
         "data.virtual_readers": "greater than or equal to 1",
         "train.max_steps": "valid integer",
-        "train.global_batch_size": "not a multiple of micro_batch_size",  # cross check, max_steps wrong
+        "train.global_batch_size": "not a positive multiple of train.micro_batch_size",  # cross check, max_steps wrong
         "train.min_lr": "0.01 is above train.lr 0.001",
         "deepspeed:fp16": '"fp16" must be a JSON object',
         "deepspeed:zero_optimization.stage": "stage 7 must be 0, 1, 2 or 3",
@@ -243,3 +244,79 @@ def test_model_combination_problem_is_not_invented_from_a_stand_in(ds, tmp_path)
         load_config(raw=raw)
     msgs = dict(ei.value.problems)
     assert "model.n_layers" in msgs and "d_model (32) must be divisible by n_heads (3)" in msgs["model"]
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input found by probing: one line per problem, every problem in one round, exit 2, no traceback
+
+def _check_config_fails(capsys, argv):
+    capsys.readouterr()
+    assert cli_main(["check-config", *map(str, argv)]) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and out == ""
+    return err
+
+
+def test_config_directory_is_named_a_directory(ds, tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(tiny_run_config(ds, tmp_path / "run")))
+    err = _check_config_fails(capsys, ["--config", tmp_path])
+    assert err.strip().splitlines() == [f"llp-pretrain check-config: error: config '{tmp_path}' is a directory, not "
+                                        "a run YAML file; give the file (it holds: run.yaml)"]
+
+
+def test_empty_output_dir_is_refused(ds, tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(tiny_run_config(ds, tmp_path / "run")))
+    err = _check_config_fails(capsys, ["--config", tmp_path / "run.yaml", "--set", "run.output_dir="])
+    assert err.strip().splitlines()[1:] == ["  - run.output_dir (--set): must not be empty; give the run directory "
+                                            "(e.g. runs/my_run)"]
+    with pytest.raises(ConfigError, match="run.output_dir: must not be empty"):
+        load_config(raw=tiny_run_config(ds, "  "))
+
+
+def test_every_duplicate_key_and_bad_set_in_one_round(ds, tmp_path, capsys):
+    text = yaml.safe_dump(tiny_run_config(ds, tmp_path / "run"), sort_keys=False)
+    lines = text.splitlines()
+    i, j = lines.index("  d_model: 32"), lines.index("  lr: 0.003")
+    lines.insert(j + 1, "  lr: 0.1")
+    lines.insert(i + 1, "  d_model: 64")
+    (tmp_path / "dup.yaml").write_text("\n".join(lines) + "\n")
+    err = _check_config_fails(capsys, ["--config", tmp_path / "dup.yaml", "--set", "train.warmup_steps"])
+    assert err.strip().splitlines()[1:] == [
+        f"  - line {i + 2}: not valid YAML: duplicate key 'd_model' (first given at line {i + 1}); keep one of them",
+        f"  - line {j + 3}: not valid YAML: duplicate key 'lr' (first given at line {j + 2}); keep one of them",
+        "  - --set train.warmup_steps: expected key.sub=value"]
+
+
+def test_cross_field_rules_are_validators_and_reported_with_the_rest(ds, tmp_path):
+    # the batch rule needs the layout (2 processes: data_parallel_size 2); max_steps and segment_len are wrong too
+    raw = tiny_run_config(ds, tmp_path / "run", model={"segment_len": 5},
+                          train={"max_steps": "many", "micro_batch_size": 3, "global_batch_size": 8})
+    with pytest.raises(ConfigError) as ei:
+        load_config(raw=raw, world_size=2)
+    got = dict(ei.value.problems)
+    assert set(got) == {"train.max_steps", "train.global_batch_size", "model"}, got
+    assert got["train.global_batch_size"].startswith("train.global_batch_size=8 is not a positive multiple of "
+                                                     "train.micro_batch_size=3 x data_parallel_size=2 (= 6)")
+    assert got["model"] == "seq_len (16) must be a multiple of segment_len (5)"
+    # the same rules as pydantic validators, given the layout as validation context
+    from llp_pretrain.config import ParallelConfig, TrainConfig
+    from llp_pretrain.layout import ParallelLayout
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="not a positive multiple"):
+        TrainConfig.model_validate({"max_steps": 1, "micro_batch_size": 3, "global_batch_size": 8},
+                                   context={"layout": ParallelLayout(2)})
+    assert TrainConfig.model_validate({"max_steps": 1, "micro_batch_size": 3, "global_batch_size": 12},
+                                      context={"layout": ParallelLayout(2)}).global_batch_size == 12
+    with pytest.raises(ValidationError, match="world_size=3 is not divisible"):
+        ParallelConfig.model_validate({"sequence_parallel_size": 2}, context={"world_size": 3})
+    with pytest.raises(ValidationError, match="0.1 is above train.lr 0.01"):
+        TrainConfig.model_validate({"max_steps": 1, "micro_batch_size": 1, "lr": 0.01, "min_lr": 0.1})
+
+
+def test_run_config_model_is_typed(ds, tmp_path):
+    from llp_pretrain.config import RunConfig
+    from llp_pretrain.models import ModelConfig
+
+    cfg = load_config(raw=tiny_run_config(ds, tmp_path / "run"))
+    assert isinstance(cfg.model, ModelConfig) and RunConfig.model_fields["model"].annotation is ModelConfig

@@ -374,12 +374,13 @@ def test_continue_on_other_data_parallel_size_via_export(two_ranks):
 def test_resume_with_other_global_batch_size_fails_up_front(work):
     from llp_pretrain.config import load_config
     from llp_pretrain.engine import DistInfo, check_resume_layout
+    from llp_pretrain.layout import ParallelLayout
 
     cfg = load_config(raw=tiny_run_config(work / "ds", work / "x"), world_size=2)  # 2 x 1 x dp 2 = 4
     meta = {"layout": {"world_size": 1, "data_parallel_size": 1, "sequence_parallel_size": 1,
                        "micro_batch_size": 2, "grad_accum_steps": 1, "num_workers": cfg.data.num_workers,
                        "seed": cfg.train.seed, "shuffle_buffer": cfg.data.shuffle_buffer}}
-    d = DistInfo(0, 2, 0, 0, 2, 0, 1, torch.device("cpu"))
+    d = DistInfo(rank=0, local_rank=0, layout=ParallelLayout(world_size=2, sp_size=1), device=torch.device("cpu"))
     with pytest.raises(ValueError, match="global_batch_size=2 .*this run has 4.*train.global_batch_size=2"):
         check_resume_layout(meta, cfg, d, "CKPT")
     meta["layout"]["grad_accum_steps"] = 2  # the same global batch on another layout is allowed

@@ -8,6 +8,7 @@ from tiny_runs import tiny_run_config, write_tiny_dataset
 
 from llp_pretrain.config import load_config
 from llp_pretrain.monitor import Monitor, known_peak_flops
+from llp_pretrain.layout import ParallelLayout
 from llp_pretrain.training.distributed import DistInfo
 from llp_pretrain.training.metrics import MetricsLogger, StepOutcome
 from llp_pretrain.training.peak import Peak
@@ -33,7 +34,7 @@ def _scalars(run, tag):
 def test_mfu_is_never_logged_above_one(tmp_path):
     write_tiny_dataset(tmp_path / "ds", seq_len=16, train_samples=[8], vocab_size=64)
     cfg = load_config(raw=tiny_run_config(tmp_path / "ds", tmp_path / "run", train={"max_steps": 3}))
-    d = DistInfo(0, 1, 0, 0, 1, 0, 1, torch.device("cpu"))
+    d = DistInfo(rank=0, local_rank=0, layout=ParallelLayout(world_size=1), device=torch.device("cpu"))
     mon = Monitor(tmp_path / "tb", rank=0)
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
     flops_tok = 1e6

@@ -167,3 +167,27 @@ def test_fit_workers_cli_reads_config_and_overrides(tmp_path):
     assert run("--cpus-per-process", "4").stdout.strip() == "3"
     assert run("--cpus-per-process", "16").stdout.strip() == "6"
     assert run("--cpus-per-process", "16", "--", "--set", "data.num_workers=2").stdout.strip() == "2"
+
+
+def test_launchers_read_the_yaml_with_the_training_loader(tmp_path, capsys):
+    """Duplicate keys, malformed --set items and a directory given as --config are refused by the
+    launchers exactly as by the training CLI (llp_pretrain.config.read_run_config): every problem,
+    exit status 2, no traceback."""
+    from llp_pretrain.launch_utils import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("parallel:\n  sequence_parallel_size: 2\n  sequence_parallel_size: 4\n"
+                   "train:\n  micro_batch_size: 2\n  micro_batch_size: 3\n")
+    for argv in (["layout", "--config", str(cfg), "--nnodes", "1", "--nproc-per-node", "4", "--no-config-check",
+                  "--", "--set", "train.lr"],
+                 ["fit-workers", "--config", str(cfg), "--cpus-per-process", "4", "--", "--set", "train.lr"]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert "line 3: not valid YAML: duplicate key 'sequence_parallel_size' (first given at line 2)" in err
+        assert "line 6: not valid YAML: duplicate key 'micro_batch_size' (first given at line 5)" in err
+        assert "--set train.lr: expected key.sub=value" in err
+    assert main(["layout", "--config", str(tmp_path), "--nnodes", "1", "--nproc-per-node", "1"]) == 2
+    assert f"[llp-launch] error: config '{tmp_path}' is a directory, not a run YAML file; give the file (it holds: " \
+           "c.yaml)" in capsys.readouterr().err

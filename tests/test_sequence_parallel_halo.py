@@ -24,7 +24,7 @@ from llp_pretrain.parallel import (
     check_divisible,
     check_sequence_parallel_variant,
     local_chunk,
-    make_topology,
+    ParallelLayout,
 )
 
 
@@ -271,11 +271,18 @@ def test_halo_exchange_matches_single_process(world, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # pure functions: topology, chunking, validation
 def test_topology_sp_peers_are_consecutive():
-    t = make_topology(rank=5, world_size=8, sequence_parallel_size=2)
-    assert (t.sp_rank, t.dp_rank, t.data_parallel_size) == (1, 2, 4)
+    layout = ParallelLayout(world_size=8, sp_size=2)
+    t = layout.coords(5)
+    assert (t.sp_rank, t.dp_rank, layout.dp_size) == (1, 2, 4)
     assert t.sp_ranks == (4, 5) and t.dp_ranks == (1, 3, 5, 7)
+    assert layout.sp_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert layout.dp_groups() == [[0, 2, 4, 6], [1, 3, 5, 7]]
     with pytest.raises(ValueError, match="not divisible by parallel.sequence_parallel_size=3"):
-        make_topology(0, 8, 3)
+        ParallelLayout(8, 3)
+    with pytest.raises(ValueError, match="too few processes"):
+        ParallelLayout(2, 4)
+    with pytest.raises(ValueError, match=r"rank 8 is outside \[0, 8\)"):
+        layout.coords(8)
 
 
 def test_local_chunks_cover_every_position_once():

@@ -34,24 +34,6 @@ ATTENTION_CLASSES = {
 }
 
 
-class _HaloOnce:
-    """Wraps a ``seq_parallel`` object for one checkpointed block: the first
-    ``exchange_halo`` call communicates, the recomputation during backward replays its result
-    (the original graph, halo included, carries the gradients), so no collective runs twice."""
-
-    def __init__(self, seq_parallel):
-        self._sp = seq_parallel
-        self.position_offset = seq_parallel.position_offset
-        self._result = None
-        self._done = False
-
-    def exchange_halo(self, k_last, v_last):
-        if not self._done:
-            self._result = self._sp.exchange_halo(k_last, v_last)
-            self._done = True
-        return self._result
-
-
 class Block(nn.Module):
     """One pre-norm block: attention then MLP, each with a residual connection."""
 
@@ -167,10 +149,7 @@ class LMModel(nn.Module):
         x = self.tok_emb(ids)
         use_ckpt = cfg.checkpoint_activations and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
-            if use_ckpt:
-                if seq_parallel is not None:
-                    ctx = ForwardContext(n_tokens=N, offset=offset,
-                                         seq_parallel=_HaloOnce(seq_parallel))
+            if use_ckpt:  # a re-computed halo exchange is replayed by seq_parallel itself (parallel/halo.py)
                 x = checkpoint(blk, x, ctx, use_reentrant=False)
             else:
                 x = blk(x, ctx)

@@ -153,24 +153,17 @@ def engine_context(cfg, dist_info) -> EngineSequenceParallel:
     Args:
         cfg: the validated ``RunConfig`` (``cfg.model`` an LLP ``ModelConfig``,
             ``cfg.parallel.sequence_parallel_size``).
-        dist_info: the engine's ``DistInfo`` (its ``sp_rank``/``dp_rank`` must agree with
-            :func:`~llp_pretrain.parallel.groups.make_topology`: SP peers are consecutive).
+        dist_info: the engine's ``DistInfo``; its ``layout`` (the run's one
+            :class:`~llp_pretrain.layout.ParallelLayout`) becomes the DeviceMesh the groups come from.
 
     Raises:
         ValueError: non-LLP variant with ``P > 1``; ``model.seq_len`` not divisible by
-            ``P * model.segment_len``; a layout disagreeing with the engine's; an unsupported
-            ZeRO-3 reduction setting (:func:`zero_grad_scale`).
+            ``P * model.segment_len``; an unsupported ZeRO-3 reduction setting
+            (:func:`zero_grad_scale`).
     """
-    p = int(cfg.parallel.sequence_parallel_size)
+    p = dist_info.layout.sp_size
     check_sequence_parallel_variant(cfg.model.variant, p)
     check_divisible(cfg.model.seq_len, p, cfg.model.segment_len)
     grad_scale = zero_grad_scale(getattr(cfg, "ds_config", None), p)
-    groups = initialize_sequence_parallel(p)
-    t = groups.topology
-    if (t.sp_rank, t.dp_rank) != (dist_info.sp_rank, dist_info.dp_rank):
-        raise ValueError(
-            f"rank {t.rank}: engine layout (sp_rank={dist_info.sp_rank}, "
-            f"dp_rank={dist_info.dp_rank}) disagrees with llp_pretrain.parallel "
-            f"(sp_rank={t.sp_rank}, dp_rank={t.dp_rank}); both must use dp_rank = rank // P"
-        )
+    groups = initialize_sequence_parallel(dist_info.layout)
     return EngineSequenceParallel(groups, cfg.model.segment_len, grad_scale=grad_scale)

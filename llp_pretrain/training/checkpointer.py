@@ -15,6 +15,7 @@ import torch
 
 from llp_pretrain import checkpoint as ckpt
 from llp_pretrain.config import RunConfig, dump_yaml
+from llp_pretrain.layout import ParallelLayout
 from llp_pretrain.run_identity import check_resume_identity, start_point
 from llp_pretrain.schedule import resumed_schedule, schedule_meta
 
@@ -67,7 +68,7 @@ def check_resume_world(meta: Dict[str, Any], world_size: int, sequence_parallel_
     old = meta.get("layout", {})
     old_gb = _global_batch(old)
     if global_batch_size is not None and old_gb is not None and old_gb != global_batch_size:
-        dp = world_size // sequence_parallel_size
+        dp = ParallelLayout(world_size, sequence_parallel_size).dp_size
         raise ValueError(
             f"{where} was trained with global_batch_size={old_gb} (micro_batch_size {old.get('micro_batch_size')} x "
             f"grad_accum_steps {old.get('grad_accum_steps')} x data_parallel_size {old.get('data_parallel_size')}); "

@@ -2,8 +2,8 @@
 
 :func:`setup_distributed` reads ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``
 (torchrun, ``deepspeed``, srun wrappers); with none set it forms a 1-process group on 127.0.0.1 and a
-free port. gloo on CPU, NCCL on GPU. ``dp_rank = rank // P`` so that the ``P`` consecutive ranks of a
-sequence-parallel group read the same samples.
+free port. gloo on CPU, NCCL on GPU. Where a rank sits in the data-parallel x sequence-parallel grid
+comes from the run's one :class:`~llp_pretrain.layout.ParallelLayout` (:attr:`DistInfo.layout`).
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from llp_pretrain.layout import ParallelLayout, RankCoords
+
 __all__ = ["DistInfo", "DistributedInitError", "DIST_INIT_TIMEOUT_S", "setup_distributed", "free_port",
            "all_reduce", "destroy_process_group"]
 
@@ -23,19 +25,40 @@ __all__ = ["DistInfo", "DistributedInitError", "DIST_INIT_TIMEOUT_S", "setup_dis
 DIST_INIT_TIMEOUT_S = 300.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistInfo:
-    """Process layout: global ``rank``/``world_size``, ``local_rank``, ``dp_rank``/``dp_size``,
-    ``sp_rank``/``sp_size`` (sequence parallel), and the torch ``device``."""
+    """This process: global ``rank``, ``local_rank``, the run's :class:`ParallelLayout` and the torch
+    ``device``; ``world_size``, ``dp_rank``/``dp_size`` and ``sp_rank``/``sp_size`` (sequence
+    parallel) are read from the layout."""
 
     rank: int
-    world_size: int
     local_rank: int
-    dp_rank: int
-    dp_size: int
-    sp_rank: int
-    sp_size: int
+    layout: ParallelLayout
     device: torch.device
+
+    @property
+    def coords(self) -> RankCoords:
+        return self.layout.coords(self.rank)
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.layout.dp_size
+
+    @property
+    def sp_size(self) -> int:
+        return self.layout.sp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coords.dp_rank
+
+    @property
+    def sp_rank(self) -> int:
+        return self.coords.sp_rank
 
     @property
     def reduce_device(self) -> Optional[torch.device]:
@@ -122,7 +145,8 @@ def setup_distributed(sequence_parallel_size: int = 1) -> DistInfo:
     unset, sets up a single process (127.0.0.1, a free port). Backend: NCCL with CUDA, else gloo.
     Initialisation is bounded by ``LLP_DIST_INIT_TIMEOUT_S`` (default :data:`DIST_INIT_TIMEOUT_S`)
     and safe across torchrun worker restarts (:func:`_init_process_group`).
-    Raises ``ValueError`` if the world size is not a multiple of ``sequence_parallel_size`` or
+    Raises :class:`~llp_pretrain.layout.LayoutError` (a ``ValueError``) if the world size is not a
+    multiple of ``sequence_parallel_size``, ``ValueError`` if
     ``LLP_DIST_INIT_TIMEOUT_S`` is not a positive number, :class:`DistributedInitError` if the group
     cannot be formed."""
     import torch.distributed as dist
@@ -134,6 +158,7 @@ def setup_distributed(sequence_parallel_size: int = 1) -> DistInfo:
     os.environ.setdefault("LOCAL_RANK", "0")
     rank, world = int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ["LOCAL_RANK"])
+    layout = ParallelLayout(world, sequence_parallel_size)
     timeout_s = _init_timeout_s()
     cuda = torch.cuda.is_available()
     if cuda:
@@ -146,11 +171,7 @@ def setup_distributed(sequence_parallel_size: int = 1) -> DistInfo:
         device = torch.device("cpu")
     if not dist.is_initialized():
         _init_process_group("nccl" if cuda else "gloo", rank, world, timeout_s)
-    if world % sequence_parallel_size:
-        raise ValueError(f"world size {world} is not a multiple of parallel.sequence_parallel_size "
-                         f"{sequence_parallel_size}")
-    sp = sequence_parallel_size
-    return DistInfo(rank, world, local_rank, rank // sp, world // sp, rank % sp, sp, device)
+    return DistInfo(rank, local_rank, layout, device)
 
 
 def all_reduce(values: Sequence[float], op: str = "sum", device: Optional[torch.device] = None) -> List[float]:
