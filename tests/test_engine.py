@@ -379,11 +379,12 @@ def test_resume_with_other_global_batch_size_fails_up_front(work):
     cfg = load_config(raw=tiny_run_config(work / "ds", work / "x"), world_size=2)  # 2 x 1 x dp 2 = 4
     meta = {"layout": {"world_size": 1, "data_parallel_size": 1, "sequence_parallel_size": 1,
                        "micro_batch_size": 2, "grad_accum_steps": 1, "num_workers": cfg.data.num_workers,
-                       "seed": cfg.train.seed, "shuffle_buffer": cfg.data.shuffle_buffer}}
+                       "seed": cfg.train.seed, "shuffle_buffer": cfg.data.shuffle_buffer, "global_batch_size": 2,
+                       "virtual_readers": cfg.data.virtual_readers}}
     d = DistInfo(rank=0, local_rank=0, layout=ParallelLayout(world_size=2, sp_size=1), device=torch.device("cpu"))
     with pytest.raises(ValueError, match="global_batch_size=2 .*this run has 4.*train.global_batch_size=2"):
         check_resume_layout(meta, cfg, d, "CKPT")
-    meta["layout"]["grad_accum_steps"] = 2  # the same global batch on another layout is allowed
+    meta["layout"].update(grad_accum_steps=2, global_batch_size=4)  # the same global batch on another layout is allowed
     check_resume_layout(meta, cfg, d, "CKPT")
 
 

@@ -52,6 +52,8 @@ def layout_meta(cfg: RunConfig, d) -> Dict[str, Any]:
 
 
 def _global_batch(layout: Dict[str, Any]) -> Optional[int]:
+    if isinstance(layout.get("global_batch_size"), int):
+        return layout["global_batch_size"]
     try:
         return int(layout["micro_batch_size"]) * int(layout["grad_accum_steps"]) * int(layout["data_parallel_size"])
     except (KeyError, TypeError, ValueError):
