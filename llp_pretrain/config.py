@@ -70,7 +70,9 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """``data`` section: where the shards are and how they are streamed."""
 
-    path: str = Field(description="dataset directory written by `llp-prep shard` (holds manifest.json)")
+    path: str = Field(description="dataset directory written by `llp-prep shard` (holds manifest.json), or a URL "
+                      "prefix: http(s)://HOST/ds, file:///abs/ds, or pipe:CMD with {name} (e.g. "
+                      "'pipe:aws s3 cp s3://bucket/ds/{name} -')")
     tokenizer: Optional[str] = Field(
         None, description="SentencePiece tokenizer.model; default: DIR/tokenizer.model next to or above the shards")
     num_workers: int = Field(1, ge=0, description="dataloader worker processes per rank (0 = in-process)")
@@ -204,10 +206,15 @@ def read_manifest(path: str | os.PathLike) -> Dict[str, Any]:
     (``data_prep.manifest.read_manifest``: one reader for both sides).
 
     Raises ``FileNotFoundError`` when it is missing and ``ValueError`` naming the file and key when it is
-    not JSON, of another format version, or holds a value of the wrong type."""
+    not JSON, of another format version, or holds a value of the wrong type. ``path`` may be a URL
+    prefix (``llp_pretrain.remote``): the manifest is fetched (``ShardFetchError``, an ``OSError``,
+    when it cannot be) and checked by the same reader."""
     from data_prep.errors import DataPrepError
     from data_prep.manifest import read_manifest as read_checked
+    from llp_pretrain.remote import is_url, read_url_manifest
 
+    if is_url(str(path)):
+        return read_url_manifest(str(path))
     m = Path(path) / "manifest.json"
     if not m.is_file():
         raise FileNotFoundError(f"{m}: no manifest.json; is {path} a dataset directory written by `llp-prep shard`?")
@@ -582,7 +589,7 @@ def _check_data(secs, check_data: bool, problems) -> Optional[Dict[str, Any]]:
     if data_path is not None and check_data:
         try:
             manifest = read_manifest(data_path)
-        except (FileNotFoundError, ValueError) as e:
+        except (OSError, ValueError) as e:
             problems.append(("data.path", str(e)))
         tok = _value(data, data_raw, bad, "tokenizer", str)
         if tok and not Path(tok).is_file():

@@ -55,6 +55,7 @@ import torch
 import webdataset as wds
 
 from llp_pretrain.config import read_manifest
+from llp_pretrain.remote import ShardFetchError, file_url, is_url, open_url_samples
 
 __all__ = [
     "DataLayoutError",
@@ -85,18 +86,21 @@ ON_CORRUPT = ("fail", "skip")
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One shard of a split: absolute ``path``, its ``name`` and ``samples`` count from the manifest,
-    and the token ``stream`` it belongs to (0 for single-process datasets; a merged ``llp-prep``
-    array dataset numbers samples within each task's stream)."""
+    """One shard of a split: absolute ``path`` (or URL, ``llp_pretrain.remote``), its ``name`` and
+    ``samples`` count from the manifest, the token ``stream`` it belongs to (0 for single-process
+    datasets; a merged ``llp-prep`` array dataset numbers samples within each task's stream) and
+    its size in ``bytes`` from the manifest (None if unknown)."""
 
     path: str
     name: str
     samples: int
     stream: int = 0
+    bytes: Optional[int] = None
 
 
 def list_shards(data_dir: str, split: str, manifest: Optional[Dict] = None) -> List[ShardInfo]:
-    """Shards of ``split`` (``train``/``val``) in stream order (by name), from ``manifest.json``.
+    """Shards of ``split`` (``train``/``val``) in stream order (by name), from ``manifest.json``;
+    ``data_dir`` may be a URL prefix (``llp_pretrain.remote``: shards are then fetched when read).
 
     Raises ``DataLayoutError`` when the split has no shards or a listed shard file is missing."""
     manifest = manifest or read_manifest(data_dir)
@@ -104,13 +108,17 @@ def list_shards(data_dir: str, split: str, manifest: Optional[Dict] = None) -> L
     for s in manifest.get("shards", []):
         if s.get("split") != split:
             continue
+        if is_url(data_dir):
+            out.append(ShardInfo(file_url(data_dir, s["name"]), s["name"], int(s["samples"]),
+                                 int(s.get("stream") or 0), s.get("bytes")))
+            continue
         p = Path(data_dir) / s["name"]
         if not p.is_file():
             raise DataLayoutError(f"{p}: listed in {Path(data_dir) / 'manifest.json'} but missing; "
                                   "re-run `llp-prep shard` or restore the file")
-        out.append(ShardInfo(str(p), s["name"], int(s["samples"]), int(s.get("stream") or 0)))
+        out.append(ShardInfo(str(p), s["name"], int(s["samples"]), int(s.get("stream") or 0), s.get("bytes")))
     if not out:
-        raise DataLayoutError(f"{Path(data_dir) / 'manifest.json'}: no '{split}' shards")
+        raise DataLayoutError(f"{data_dir}/manifest.json: no '{split}' shards")
     return sorted(out, key=lambda s: s.name)
 
 
@@ -225,7 +233,8 @@ def read_shard(shard: ShardInfo, spec: SampleSpec, on_corrupt: str = "fail", fir
     ``on_corrupt="fail"``: raises :class:`CorruptDataError` at the first bad sample, unreadable tar
     data (truncated, corrupt header, empty file) or wrong sample count. ``"skip"``: logs each (one
     line on stderr), adds the samples lost to ``counter[0]`` and yields only the good ones (at most
-    the manifest's count)."""
+    the manifest's count). A shard at a URL that cannot be fetched after the retries raises
+    ``llp_pretrain.remote.ShardFetchError`` under either policy."""
     if on_corrupt not in ON_CORRUPT:
         raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
     n, last_key = 0, None
@@ -237,13 +246,17 @@ def read_shard(shard: ShardInfo, spec: SampleSpec, on_corrupt: str = "fail", fir
             counter[0] += lost
         _warn(f"{msg.split('; run `llp-prep')[0]}; skipped (data.on_corrupt=skip)")
 
-    pipe = wds.DataPipeline(wds.SimpleShardList([shard.path]), wds.tarfile_to_samples())
-    it = iter(pipe)
+    if is_url(shard.path):
+        it = open_url_samples(shard.path, shard.bytes)
+    else:
+        it = iter(wds.DataPipeline(wds.SimpleShardList([shard.path]), wds.tarfile_to_samples()))
     while True:
         try:
             sample = next(it)
         except StopIteration:
             break
+        except ShardFetchError as e:  # unreachable, not corrupt: never skipped
+            raise ShardFetchError(e.message) from None
         except Exception as e:  # tarfile / webdataset / OS errors: the rest of the shard is unreadable
             after = f"after sample {last_key}" if last_key else "before its first sample"
             bad(f"shard {shard.name}: truncated or corrupt tar {after} ({_first_line(e)}); run `llp-prep verify` "
@@ -371,8 +384,9 @@ class TrainStream(torch.utils.data.IterableDataset):
                     k, a = next(stream)
                     keys.append(k)
                     arrays.append(a)
-            except CorruptDataError as e:  # handed to the trainer process; a worker never raises it
-                hint = " (or set data.on_corrupt=skip to train on without it)" if self.on_corrupt == "fail" else ""
+            except (CorruptDataError, ShardFetchError) as e:  # handed to the trainer process; never raised here
+                hint = " (or set data.on_corrupt=skip to train on without it)" \
+                    if self.on_corrupt == "fail" and isinstance(e, CorruptDataError) else ""
                 yield {"error": f"{e}{hint}"}
                 return
             yield {"tokens": torch.from_numpy(np.stack(arrays).astype(np.int64)), "keys": keys,

@@ -32,9 +32,12 @@ def run_hashes(cfg, tokenizer_path: Optional[Path]) -> Dict[str, Optional[str]]:
     """sha256 of the dataset's ``manifest.json``, of the tokenizer file found for it, and the tokenizer
     hash the manifest records (None where unknown)."""
     from data_prep.tokenizer import file_sha256
+    from llp_pretrain.remote import is_url, url_sha256
 
     manifest_file = Path(cfg.data.path) / "manifest.json"
-    return {"manifest_sha256": file_sha256(manifest_file) if manifest_file.is_file() else None,
+    manifest_sha = url_sha256(cfg.data.path) if is_url(cfg.data.path) else \
+        file_sha256(manifest_file) if manifest_file.is_file() else None
+    return {"manifest_sha256": manifest_sha,
             "tokenizer_sha256": file_sha256(tokenizer_path) if tokenizer_path and Path(tokenizer_path).is_file()
             else None,
             "tokenizer_manifest_sha256": (cfg.manifest or {}).get("tokenizer", {}).get("sha256")}
