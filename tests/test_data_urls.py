@@ -2,6 +2,7 @@
 directory; the loaders must give the same samples as from the directory, survive a connection
 dropped mid-shard, and fail in bounded time with the URL in one line when a shard cannot be read."""
 import itertools
+import json
 import shlex
 import subprocess
 import sys
@@ -181,3 +182,11 @@ def test_training_run_from_http_url(ds, server, tmp_path):
     assert any(r.startswith("train-") for r in server.requests) and "val-000000.tar" in server.requests
     hashes = yaml.safe_load((tmp_path / "run" / "hashes.json").read_text())
     assert hashes["manifest_sha256"]  # the fetched manifest identifies the data for resume
+    # `llp-pretrain eval` reads the split from the URL too, with the same result as from the directory
+    res = []
+    for data in (server.url, str(ds)):
+        p = subprocess.run([sys.executable, "-m", "llp_pretrain.cli", "eval", "--checkpoint", str(tmp_path / "run"),
+                            "--data", data, "--json", "--batch-size", "4"], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        res.append(json.loads(p.stdout))
+    assert res[0] == res[1] and res[0]["tokens"] > 0
