@@ -472,32 +472,42 @@ def iter_split_tokens(data_dir: str, split: str = "val", manifest: Optional[Dict
     :func:`read_shard` (policy ``fail``: a gap would break the stream).
 
     Yields 1-D arrays of ``seq_len + 1`` ids. Raises :class:`CorruptDataError` (one line)."""
+    for _, arr in _split_samples(data_dir, split, manifest, verify_checksums):
+        yield arr
+
+
+def _split_samples(data_dir: str, split: str, manifest: Optional[Dict], verify_checksums: bool
+                   ) -> Iterator[Tuple[int, np.ndarray]]:
+    """``(stream, tokens)`` of every sample of a split in stream order (:func:`iter_split_tokens`)."""
     manifest = manifest or read_manifest(data_dir)
     shards = list_shards(data_dir, split, manifest)
     spec, first = SampleSpec.from_manifest(manifest, verify_checksums), _first_indices(shards)
     for shard in shards:
         for _, arr in read_shard(shard, spec, "fail", first[shard.name]):
-            yield arr
+            yield shard.stream, arr
 
 
 def read_split_stream(data_dir: str, split: str = "val", manifest: Optional[Dict] = None,
                       max_samples: Optional[int] = None, verify_checksums: bool = True) -> np.ndarray:
     """Reassemble a split's token stream: ``concat(s0, s1[1:], s2[1:], ...)`` (consecutive samples
-    share one boundary token, ``docs/internals.md``). Raises ``DataLayoutError`` if a boundary token
-    does not match (shards out of order or corrupt), :class:`CorruptDataError` for a sample or
-    shard that fails :func:`read_shard`'s checks. Returns a 1-D int64 array."""
-    parts, prev = [], None
-    for i, arr in enumerate(itertools.islice(iter_split_tokens(data_dir, split, manifest, verify_checksums),
-                                             max_samples)):
+    of a stream share one boundary token, ``docs/internals.md``). The train split of a merged
+    ``llp-prep`` array dataset holds several streams (the shards' ``stream``): they are
+    concatenated whole, in shard order, each one starting with its first sample's first token.
+    Raises ``DataLayoutError`` if a boundary token does not match (shards out of order or corrupt),
+    :class:`CorruptDataError` for a sample or shard that fails :func:`read_shard`'s checks. Returns
+    a 1-D int64 array."""
+    parts, prev, prev_stream = [], None, None
+    for i, (stream, arr) in enumerate(itertools.islice(_split_samples(data_dir, split, manifest, verify_checksums),
+                                                       max_samples)):
         arr = arr.astype(np.int64)
-        if prev is None:
+        if prev is None or stream != prev_stream:
             parts.append(arr)
         else:
             if arr[0] != prev[-1]:
                 raise DataLayoutError(f"{data_dir}: {split} sample {i} does not start with the previous sample's "
                                       "last token; shards are out of order or corrupt (`llp-prep verify`)")
             parts.append(arr[1:])
-        prev = arr
+        prev, prev_stream = arr, stream
     if not parts:
         raise DataLayoutError(f"{data_dir}: split '{split}' is empty")
     return np.concatenate(parts)
