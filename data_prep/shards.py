@@ -5,7 +5,8 @@ about ``BATCH_CHARS`` characters; ``workers`` processes encode batches with Sent
 ``2 * workers + 1`` batches in flight, results consumed in submission order, so memory is bounded and
 the output does not depend on ``workers``); the main process appends EOS after each document,
 packs each split's token stream into samples of ``seq_len + 1`` tokens that share one boundary token
-(``docs/internals.md``) and writes them with ``webdataset.TarWriter`` to ``NAME.partial`` files that
+(``docs/internals.md``) and writes them as WebDataset tars (``tarwriter.SampleTarWriter``: the bytes of
+``webdataset.TarWriter``, without importing torch) to ``NAME.partial`` files that
 are renamed when complete. ``manifest.json`` is written last.
 """
 from __future__ import annotations
@@ -16,7 +17,6 @@ import io
 import json
 import os
 import shutil
-import tarfile
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -32,6 +32,7 @@ from .manifest import (FORMAT_VERSION, MANIFEST, PARTIAL_SUFFIX, RUN_MARKER, SHA
                        ensure_dir, fingerprint, sample_key, shard_name, strip_execution_only,
                        write_atomic, write_json_atomic)
 from .progress import Progress
+from .tarwriter import SampleTarWriter
 from .tokenizer import load_tokenizer, model_file, special_ids
 
 DEFAULT_SAMPLES_PER_SHARD = 10_000
@@ -166,24 +167,19 @@ class _ShardSink:
         self._tmp: Optional[Path] = None
 
     def _open(self) -> None:
-        import webdataset as wds
-
         name = shard_name(self.split, self.first_index + len(self.shards))
         self._tmp = self.out / (name + PARTIAL_SUFFIX)
         self._file = open(self._tmp, "wb")
         self._hf = _HashingFile(self._file)
-        self._tw = wds.TarWriter(self._hf, encoder=False, mtime=TAR_MTIME, user="llp",
-                                 group="llp", mode=0o444)
-        # TarWriter computes its (USTAR) format but does not hand it to tarfile.open, which then
-        # defaults to PAX; plain USTAR headers are what it means, and are ~15% faster to write.
-        self._tw.tarstream.format = tarfile.USTAR_FORMAT
+        # the bytes of webdataset.TarWriter (USTAR headers), without importing webdataset (and torch)
+        self._tw = SampleTarWriter(self._hf, mtime=TAR_MTIME, user="llp", group="llp", mode=0o444)
         self._n = 0
 
     def write(self, key: str, npy: bytes, meta: bytes) -> None:
         try:
             if self._tw is None:
                 self._open()
-            self._tw.write({"__key__": key, "tokens.npy": npy, "json": meta})
+            self._tw.write(key, {"tokens.npy": npy, "json": meta})
         except OSError as e:
             raise _named(e, self._tmp or self.out)
         self._n += 1
