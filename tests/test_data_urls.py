@@ -2,6 +2,8 @@
 directory; the loaders must give the same samples as from the directory, survive a connection
 dropped mid-shard, and fail in bounded time with the URL in one line when a shard cannot be read."""
 import itertools
+import os
+import signal
 import json
 import shlex
 import subprocess
@@ -190,3 +192,37 @@ def test_training_run_from_http_url(ds, server, tmp_path):
         assert p.returncode == 0, p.stderr[-3000:]
         res.append(json.loads(p.stdout))
     assert res[0] == res[1] and res[0]["tokens"] > 0
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(400)
+def test_unfetchable_shard_on_one_rank_ends_both_ranks_promptly(ds, server, tmp_path):
+    """torchrun, 2 gloo processes, data from the http URL: the server always fails the shards of
+    rank 1 (shard i goes to rank i % 2). The job ends, non-zero, with the URL in one line; rank 0,
+    whose shards are fine, does not hang."""
+    server.faults["train-000001.tar"] = "fail"
+    server.faults["train-000003.tar"] = "fail"
+    raw = tiny_run_config(server.url, tmp_path / "run", train={"max_steps": 20})
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    log = tmp_path / "torchrun.log"
+    t0 = time.monotonic()
+    with open(log, "w") as f:
+        p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              "-m", "llp_pretrain.cli", "train", "--config", str(cfg)],
+                             stdout=f, stderr=subprocess.STDOUT, env={**env, "OMP_NUM_THREADS": "1"},
+                             start_new_session=True)
+        try:
+            rc = p.wait(timeout=300)
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    out = log.read_text()
+    assert rc != 0, out[-3000:]
+    assert time.monotonic() - t0 < 300
+    assert any(f"{server.url}train-00000{i}.tar: could not be read after 3 attempt(s)" in out for i in (1, 3)), \
+        out[-3000:]
+    assert "DataLoader worker" not in out, out[-3000:]
