@@ -194,6 +194,35 @@ def test_training_run_from_http_url(ds, server, tmp_path):
     assert res[0] == res[1] and res[0]["tokens"] > 0
 
 
+def _torchrun(cfg, log, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    with open(log, "w") as f:
+        p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              "-m", "llp_pretrain.cli", "train", "--config", str(cfg)],
+                             stdout=f, stderr=subprocess.STDOUT, env={**env, "OMP_NUM_THREADS": "1"},
+                             start_new_session=True)
+        try:
+            return p.wait(timeout=timeout)
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(400)
+def test_two_process_training_run_from_http_url(ds, server, tmp_path):
+    raw = tiny_run_config(server.url, tmp_path / "run", train={"max_steps": 3})
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    rc = _torchrun(cfg, tmp_path / "torchrun.log")
+    out = (tmp_path / "torchrun.log").read_text()
+    assert rc == 0, out[-3000:]
+    assert {f"train-00000{i}.tar" for i in range(4)} <= set(server.requests)  # both ranks read from the URL
+    assert (tmp_path / "run" / "checkpoints" / "step00000003").is_dir(), out[-3000:]
+
+
 @pytest.mark.distributed
 @pytest.mark.timeout(400)
 def test_unfetchable_shard_on_one_rank_ends_both_ranks_promptly(ds, server, tmp_path):
@@ -205,21 +234,9 @@ def test_unfetchable_shard_on_one_rank_ends_both_ranks_promptly(ds, server, tmp_
     raw = tiny_run_config(server.url, tmp_path / "run", train={"max_steps": 20})
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(raw))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
     log = tmp_path / "torchrun.log"
     t0 = time.monotonic()
-    with open(log, "w") as f:
-        p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                              "-m", "llp_pretrain.cli", "train", "--config", str(cfg)],
-                             stdout=f, stderr=subprocess.STDOUT, env={**env, "OMP_NUM_THREADS": "1"},
-                             start_new_session=True)
-        try:
-            rc = p.wait(timeout=300)
-        finally:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+    rc = _torchrun(cfg, log)
     out = log.read_text()
     assert rc != 0, out[-3000:]
     assert time.monotonic() - t0 < 300
