@@ -104,6 +104,30 @@ def test_http_samples_equal_local(ds, server):
     assert any(r.startswith("train-") for r in server.requests)
 
 
+def test_llp_prep_dataset_over_http_equals_local(tmp_path):
+    """A dataset made by llp-prep itself (real SentencePiece, real text), served over HTTP."""
+    from data_prep import ReadOptions, build_shards, train_tokenizer
+    from prep_fixtures import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", files=3, chapters=40)
+    opts = ReadOptions(doc_sep="blank-line")
+    train_tokenizer([str(corpus)], tmp_path / "tok", vocab_size=400, read_options=opts)
+    out = tmp_path / "ds"
+    build_shards([str(corpus)], tmp_path / "tok", out, seq_len=32, val_fraction=0.1, samples_per_shard=30,
+                 read_options=opts, quiet=True)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(out)))
+    httpd.daemon_threads, httpd.root, httpd.faults, httpd.requests = True, out, {}, []
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"  # no trailing slash: joined with one
+    try:
+        for split in ("train", "val"):
+            assert np.array_equal(read_split_stream(url, split), read_split_stream(str(out), split))
+        _same(_batches(url, 8), _batches(out, 8))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def test_file_url_and_pipe_cat_equal_local(ds):
     local = _batches(ds, 6)
     _same(_batches(f"file://{ds}", 6), local)
