@@ -85,3 +85,39 @@ def test_training_sample_with_a_foreign_tokenizer(llama_style):
     finally:
         handle.remove()
     assert text == sp.decode(sp.encode("alpha beta") + [2]) == "alpha beta"
+
+
+@pytest.mark.timeout(400)
+def test_train_and_generate_on_shards_of_a_foreign_tokenizer(llama_style, tmp_path):
+    """`llp-prep shard --tokenizer` with Llama-2 ids, a real `llp-pretrain train` (text sample at the
+    final eval), then `llp-pretrain generate` from the run directory."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from data_prep import build_shards
+    from data_prep.tokenizer import file_sha256
+    from tiny_runs import tiny_run_config
+
+    words = ["alpha", "beta", "gamma", "delta", "omega", "river", "stone", "cloud"]
+    docs = [" ".join(words[(i * k + k * k) % len(words)] for k in range(1, 30)) for i in range(400)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    m = build_shards([str(tmp_path / "c.jsonl")], llama_style, tmp_path / "ds", seq_len=16, val_fraction=0.05,
+                     samples_per_shard=200, quiet=True)
+    assert {k: m["tokenizer"][k] for k in LLAMA_IDS} == LLAMA_IDS
+    raw = tiny_run_config(tmp_path / "ds", tmp_path / "run",
+                          train={"max_steps": 2, "sample_tokens": 6, "sample_prompt": "alpha beta"})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    p = subprocess.run([sys.executable, "-m", "llp_pretrain.cli", "train", "--config", str(tmp_path / "run.yaml")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    sample = [ln for ln in p.stdout.splitlines() if ln.startswith("sample")]
+    assert sample and "'alpha beta" in sample[-1], p.stdout[-2000:]  # decoded with the tokenizer, not ids
+    assert file_sha256(tmp_path / "run" / "tokenizer.model") == file_sha256(llama_style)
+    g = subprocess.run([sys.executable, "-m", "llp_pretrain.cli", "generate", "--checkpoint", str(tmp_path / "run"),
+                        "--prompt", "alpha beta", "--max-new-tokens", "5", "--seed", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert g.returncode == 0, g.stderr[-3000:]
+    assert g.stdout.startswith("alpha beta")
