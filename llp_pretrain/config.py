@@ -376,22 +376,26 @@ def resolve_tokenizer(data: DataConfig, manifest: Optional[Dict[str, Any]] = Non
     """The SentencePiece model for a run: ``data.tokenizer`` if set; else the first of
     ``tokenizer.model`` in the dataset directory, a sibling ``tokenizer/`` directory, the parent,
     and the path ``llp-prep shard`` recorded in the manifest (as given, or relative to the dataset
-    directory) whose sha256 equals the manifest's tokenizer hash (any, without a manifest);
-    None if there is none."""
+    directory) whose sha256 equals the manifest's tokenizer hash (any, without a manifest); for a
+    dataset at a URL, then its own copy fetched from there (``remote.fetch_tokenizer``, checked by
+    sha256, cached); None if there is none."""
     if data.tokenizer:
         return Path(data.tokenizer)
     from data_prep.tokenizer import file_sha256
+    from llp_pretrain.remote import fetch_tokenizer, is_url
 
     base = Path(data.path)
     tok = (manifest or {}).get("tokenizer", {})
-    cands = [base / "tokenizer.model", base.parent / "tokenizer" / "tokenizer.model", base.parent / "tokenizer.model"]
+    url = is_url(data.path)
+    cands = [] if url else [base / "tokenizer.model", base.parent / "tokenizer" / "tokenizer.model",
+                            base.parent / "tokenizer.model"]
     if tok.get("path"):
-        cands += [Path(tok["path"]), base / tok["path"]]
+        cands += [Path(tok["path"])] + ([] if url else [base / tok["path"]])
     want = tok.get("sha256")
     for cand in cands:
         if cand.is_file() and (want is None or file_sha256(cand) == want):
             return cand
-    return None
+    return fetch_tokenizer(data.path, manifest) if url else None
 
 
 def _validate_section(name: str, cls, val: Dict[str, Any], problems: List[Tuple[str, str]],

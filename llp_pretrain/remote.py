@@ -31,10 +31,11 @@ import os
 import shlex
 import sys
 import time
+from pathlib import Path
 from typing import Dict, Iterator, Optional
 
 __all__ = ["URL_PREFIXES", "is_url", "file_url", "ShardFetchError", "RetryingReader", "fetch_bytes",
-           "read_url_manifest", "url_sha256", "open_url_samples"]
+           "read_url_manifest", "url_sha256", "open_url_samples", "fetch_tokenizer"]
 
 URL_PREFIXES = ("http://", "https://", "file://", "pipe:")
 MANIFEST = "manifest.json"
@@ -272,3 +273,41 @@ def open_url_samples(url: str, size: Optional[int] = None) -> Iterator[Dict]:
         yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
     finally:
         stream.close()
+
+
+def tokenizer_cache_dir() -> Path:
+    """Where fetched tokenizers are kept, by sha256: ``$XDG_CACHE_HOME/llp-pretrain/tokenizers``
+    (default ``~/.cache/llp-pretrain/tokenizers``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llp-pretrain" / "tokenizers"
+
+
+def fetch_tokenizer(prefix: str, manifest: Optional[Dict]) -> Optional[Path]:
+    """The dataset's own copy of its tokenizer (``PREFIX/<tokenizer.copy>``, written by ``llp-prep
+    shard``), fetched once into :func:`tokenizer_cache_dir` as ``<sha256>.model`` and used only when
+    its sha256 is the manifest's ``tokenizer.sha256``. None (with a warning) when the manifest names
+    no copy or hash, or the copy cannot be fetched (one attempt: it is optional) or differs."""
+    tok = (manifest or {}).get("tokenizer") or {}
+    name, want = tok.get("copy"), tok.get("sha256")
+    if not isinstance(name, str) or not isinstance(want, str) or "/" in name:
+        return None
+    dst = tokenizer_cache_dir() / f"{want}.model"
+    if dst.is_file() and hashlib.sha256(dst.read_bytes()).hexdigest() == want:
+        return dst
+    url = file_url(prefix, name)
+    try:
+        with RetryingReader(url, retries=0) as r:
+            raw = r.read()
+    except ShardFetchError as e:
+        print(f"[llp-pretrain] warning: the dataset's tokenizer copy is unavailable ({e.message})", file=sys.stderr,
+              flush=True)
+        return None
+    if hashlib.sha256(raw).hexdigest() != want:
+        print(f"[llp-pretrain] warning: {url} is not the tokenizer the manifest names (sha256 differs); not used",
+              file=sys.stderr, flush=True)
+        return None
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(raw)
+    os.replace(tmp, dst)
+    return dst

@@ -104,7 +104,7 @@ def test_http_samples_equal_local(ds, server):
     assert any(r.startswith("train-") for r in server.requests)
 
 
-def test_llp_prep_dataset_over_http_equals_local(tmp_path):
+def test_llp_prep_dataset_over_http_equals_local(tmp_path, monkeypatch):
     """A dataset made by llp-prep itself (real SentencePiece, real text), served over HTTP."""
     from data_prep import ReadOptions, build_shards, train_tokenizer
     from prep_fixtures import write_corpus
@@ -123,6 +123,22 @@ def test_llp_prep_dataset_over_http_equals_local(tmp_path):
         for split in ("train", "val"):
             assert np.array_equal(read_split_stream(url, split), read_split_stream(str(out), split))
         _same(_batches(url, 8), _batches(out, 8))
+        # the tokenizer: the dataset's own copy, fetched by sha256 into the cache (the local path the
+        # manifest records is made unusable first, as on another machine)
+        from data_prep.tokenizer import file_sha256
+        from llp_pretrain.config import DataConfig, resolve_tokenizer
+
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        (tmp_path / "tok" / "tokenizer.model").rename(tmp_path / "tok" / "moved.model")
+        m = read_manifest(url)
+        got = resolve_tokenizer(DataConfig(path=url), m)
+        assert got is not None and got.parent == tmp_path / "cache" / "llp-pretrain" / "tokenizers"
+        assert file_sha256(got) == m["tokenizer"]["sha256"]
+        httpd.faults["tokenizer.model"] = "fail"  # cached: not fetched again
+        assert resolve_tokenizer(DataConfig(path=url), m) == got
+        got.unlink()  # not cached and not fetchable: None (training then warns), after one attempt
+        assert resolve_tokenizer(DataConfig(path=url), m) is None
+        assert httpd.requests.count("tokenizer.model") == 2
     finally:
         httpd.shutdown()
         httpd.server_close()
