@@ -85,7 +85,8 @@ def _prep(args, env):
 
 def _run_array(text_dir: Path, model: Path, out: Path, a, n: int, cores: int) -> None:
     """``n`` array tasks, at most ``cores`` at a time, then the merge (every process pays its
-    own start-up: Python, numpy, SentencePiece, and webdataset, which imports torch)."""
+    own start-up: Python, numpy and SentencePiece; ``llp-prep`` no longer imports webdataset,
+    and with it torch, to write shards)."""
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     common = ["shard", "--input", text_dir, "--tokenizer", model, "--out", out, "--doc-sep",

@@ -147,7 +147,7 @@ def check_manifest_types(m: Dict, where: str) -> None:
 
 
 def read_manifest(directory: os.PathLike) -> Dict:
-    """Load ``DIR/manifest.json`` and check the types of its keys (``check_manifest_types``).
+    """Load ``DIR/manifest.json`` and check it (:func:`parse_manifest`).
 
     Raises:
         DataPrepError: missing (the run did not finish: rerun ``llp-prep shard``), unreadable, not
@@ -158,13 +158,27 @@ def read_manifest(directory: os.PathLike) -> Dict:
         raise DataPrepError(f"{p} not found: {directory} holds no finished dataset (rerun "
                             f"`llp-prep shard ... --out {directory}`)")
     try:
-        m = json.loads(p.read_text(encoding="utf-8"))
+        raw = p.read_bytes()
     except OSError as e:
         raise DataPrepError(os_error_message(e, "reading the manifest")) from e
+    return parse_manifest(raw, str(p))
+
+
+def parse_manifest(raw: bytes, where: str) -> Dict:
+    """The one manifest reader: parse ``raw`` (the bytes of a ``manifest.json``, read from a file or
+    fetched from a URL, ``where``) and check its ``format_version`` and key types
+    (:func:`check_manifest_types`).
+
+    Raises:
+        DataPrepError: not JSON, a ``format_version`` this code does not read, or a key of the wrong
+            type (the message names ``where``).
+    """
+    try:
+        m = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataPrepError(f"{p}: not valid JSON ({e}); rerun `llp-prep shard`") from e
+        raise DataPrepError(f"{where}: not valid JSON ({e}); rerun `llp-prep shard`") from e
     if not isinstance(m, dict) or m.get("format_version") != FORMAT_VERSION:
-        raise DataPrepError(f"{p}: format_version {m.get('format_version') if isinstance(m, dict) else None!r} "
+        raise DataPrepError(f"{where}: format_version {m.get('format_version') if isinstance(m, dict) else None!r} "
                             f"is not {FORMAT_VERSION}; rebuild it with this version of llp-prep")
-    check_manifest_types(m, str(p))
+    check_manifest_types(m, where)
     return m

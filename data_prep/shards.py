@@ -5,8 +5,9 @@ about ``BATCH_CHARS`` characters; ``workers`` processes encode batches with Sent
 ``2 * workers + 1`` batches in flight, results consumed in submission order, so memory is bounded and
 the output does not depend on ``workers``); the main process appends EOS after each document,
 packs each split's token stream into samples of ``seq_len + 1`` tokens that share one boundary token
-(``docs/internals.md``) and writes them as WebDataset tars (:class:`_SampleTar`, standard ``tarfile``)
-to ``NAME.partial`` files that are renamed when complete. ``manifest.json`` is written last.
+(``docs/internals.md``) and writes them as WebDataset tars (``tarwriter.SampleTarWriter``: the bytes of
+``webdataset.TarWriter``, without importing torch) to ``NAME.partial`` files that
+are renamed when complete. ``manifest.json`` is written last.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import io
 import json
 import os
 import shutil
-import tarfile
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -32,6 +32,7 @@ from .manifest import (FORMAT_VERSION, MANIFEST, PARTIAL_SUFFIX, RUN_MARKER, SHA
                        ensure_dir, fingerprint, sample_key, shard_name, strip_execution_only,
                        write_atomic, write_json_atomic)
 from .progress import Progress
+from .tarwriter import SampleTarWriter
 from .tokenizer import load_tokenizer, model_file, special_ids
 
 DEFAULT_SAMPLES_PER_SHARD = 10_000
@@ -152,27 +153,6 @@ def _named(e: OSError, path) -> OSError:
     return e
 
 
-class _SampleTar:
-    """A WebDataset tar written with the standard ``tarfile`` module, streaming (``w|``): one member
-    ``KEY.EXT`` per field of a sample in sorted ``EXT`` order (WebDataset's convention), plain USTAR
-    headers, fixed mtime (:data:`TAR_MTIME`), owner ``llp`` and mode 0444, so the bytes depend on the
-    samples only. (``webdataset.TarWriter`` computes a USTAR format but does not pass it to
-    ``tarfile.open``, so its tars get PAX headers, and it has no public way to change that.)"""
-
-    def __init__(self, fileobj) -> None:
-        self._tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT)
-
-    def write(self, key: str, fields: Dict[str, bytes]) -> None:
-        for ext in sorted(fields):
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(fields[ext]), TAR_MTIME, 0o444
-            info.uname = info.gname = "llp"
-            self._tar.addfile(info, io.BytesIO(fields[ext]))
-
-    def close(self) -> None:
-        self._tar.close()
-
-
 class _ShardSink:
     """Writes one split's samples into ``SPLIT-NNNNNN.tar`` shards of ``samples_per_shard``."""
 
@@ -191,7 +171,8 @@ class _ShardSink:
         self._tmp = self.out / (name + PARTIAL_SUFFIX)
         self._file = open(self._tmp, "wb")
         self._hf = _HashingFile(self._file)
-        self._tw = _SampleTar(self._hf)
+        # the bytes of webdataset.TarWriter (USTAR headers), without importing webdataset (and torch)
+        self._tw = SampleTarWriter(self._hf, mtime=TAR_MTIME, user="llp", group="llp", mode=0o444)
         self._n = 0
 
     def write(self, key: str, npy: bytes, meta: bytes) -> None:

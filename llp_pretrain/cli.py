@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("eval", "strided sliding-window perplexity of a checkpoint on a split")
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir, tag dir or exported dir")
-    p.add_argument("--data", required=True, help="dataset directory (manifest.json + shards)")
+    p.add_argument("--data", required=True, help="dataset directory (manifest.json + shards) or URL prefix "
+                   "(http(s)://..., file://..., pipe:CMD with {name}; see docs/training.md)")
     p.add_argument("--split", default="val", choices=["val", "train"], help="split written by `llp-prep shard`")
     p.add_argument("--stride", type=_int_at_least(1), default=None, metavar="TOKENS",
                    help="window advance in tokens (default: the model's trained positions per window / 2)")
@@ -192,7 +193,7 @@ def _check_same_tokenizer(checkpoint: str, data: str, manifest) -> None:
               file=sys.stderr, flush=True)
         return
     if want not in have:
-        raise ValueError(f"{Path(data) / 'manifest.json'}: the shards were tokenized with tokenizer sha256 "
+        raise ValueError(f"{data}/manifest.json: the shards were tokenized with tokenizer sha256 "
                          f"{want[:12]}..., but {checkpoint} was trained with {sorted(have)[0][:12]}...; evaluate on "
                          "shards made with the checkpoint's tokenizer (`llp-prep shard --tokenizer RUN/tokenizer.model`)")
 
@@ -287,8 +288,11 @@ def generate_text(checkpoint: str, prompt: str, max_new_tokens: int, temperature
     ids = sp.encode(prompt)
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
+    from llp_pretrain.special_ids import generation_ids
+
+    eos_id, pad_id = generation_ids(sp)
     out = model.generate(torch.tensor(ids), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                         eos_id=sp.eos_id() if sp.eos_id() >= 0 else None, seed=seed)
+                         eos_id=eos_id, pad_id=pad_id, seed=seed)
     return sp.decode(out.tolist())
 
 

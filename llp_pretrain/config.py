@@ -77,7 +77,7 @@ class _Strict(BaseModel):
 class DataSource(_Strict):
     """One entry of ``data.sources`` (a weighted mixture; docs/data_prep.md)."""
 
-    path: str = Field(description="dataset directory written by `llp-prep shard`")
+    path: str = Field(description="dataset directory written by `llp-prep shard`, or a URL prefix as data.path")
     weight: float = Field(gt=0, description="share of the training samples (normalised over the sources)")
     name: Optional[str] = Field(None, pattern=r"^[^/\s]+$", description="default: the last component of path")
 
@@ -92,7 +92,9 @@ class DataConfig(_Strict):
     """``data`` section: where the shards are (``path``, or a weighted mixture ``sources``) and how
     they are streamed."""
 
-    path: Optional[str] = Field(None, description="dataset directory written by `llp-prep shard` (holds manifest.json)")
+    path: Optional[str] = Field(None, description="dataset directory written by `llp-prep shard` (holds manifest.json), "
+                                "or a URL prefix: http(s)://HOST/ds, file:///abs/ds, or pipe:CMD with {name} (e.g. "
+                                "'pipe:aws s3 cp s3://bucket/ds/{name} -')")
     sources: Optional[List[DataSource]] = Field(None, min_length=1, description="weighted mixture, instead of path")
     tokenizer: Optional[str] = Field(
         None, description="SentencePiece tokenizer.model; default: DIR/tokenizer.model next to or above the shards")
@@ -289,10 +291,15 @@ def read_manifest(path: str | os.PathLike) -> Dict[str, Any]:
     (``data_prep.manifest.read_manifest``: one reader for both sides).
 
     Raises ``FileNotFoundError`` when it is missing and ``ValueError`` naming the file and key when it is
-    not JSON, of another format version, or holds a value of the wrong type."""
+    not JSON, of another format version, or holds a value of the wrong type. ``path`` may be a URL
+    prefix (``llp_pretrain.remote``): the manifest is fetched (``ShardFetchError``, an ``OSError``,
+    when it cannot be) and checked by the same reader."""
     from data_prep.errors import DataPrepError
     from data_prep.manifest import read_manifest as read_checked
+    from llp_pretrain.remote import is_url, read_url_manifest
 
+    if is_url(str(path)):
+        return read_url_manifest(str(path))
     m = Path(path) / "manifest.json"
     if not m.is_file():
         raise FileNotFoundError(f"{m}: no manifest.json; is {path} a dataset directory written by `llp-prep shard`?")
@@ -472,22 +479,26 @@ def resolve_tokenizer(data: DataConfig, manifest: Optional[Dict[str, Any]] = Non
     """The SentencePiece model for a run: ``data.tokenizer`` if set; else the first of
     ``tokenizer.model`` in the dataset directory, a sibling ``tokenizer/`` directory, the parent,
     and the path ``llp-prep shard`` recorded in the manifest (as given, or relative to the dataset
-    directory) whose sha256 equals the manifest's tokenizer hash (any, without a manifest);
-    None if there is none."""
+    directory) whose sha256 equals the manifest's tokenizer hash (any, without a manifest); for a
+    dataset at a URL, then its own copy fetched from there (``remote.fetch_tokenizer``, checked by
+    sha256, cached); None if there is none."""
     if data.tokenizer:
         return Path(data.tokenizer)
     from data_prep.tokenizer import file_sha256
+    from llp_pretrain.remote import fetch_tokenizer, is_url
 
     base = Path(data.first_path)
     tok = (manifest or {}).get("tokenizer", {})
-    cands = [base / "tokenizer.model", base.parent / "tokenizer" / "tokenizer.model", base.parent / "tokenizer.model"]
+    url = is_url(data.first_path)
+    cands = [] if url else [base / "tokenizer.model", base.parent / "tokenizer" / "tokenizer.model",
+                            base.parent / "tokenizer.model"]
     if tok.get("path"):
-        cands += [Path(tok["path"]), base / tok["path"]]
+        cands += [Path(tok["path"])] + ([] if url else [base / tok["path"]])
     want = tok.get("sha256")
     for cand in cands:
         if cand.is_file() and (want is None or file_sha256(cand) == want):
             return cand
-    return None
+    return fetch_tokenizer(data.path, manifest) if url else None
 
 
 def _validate_section(name: str, cls, val: Dict[str, Any], problems: List[Tuple[str, str]],
@@ -718,7 +729,7 @@ def _check_data(secs, check_data: bool, problems) -> Optional[Dict[str, Any]]:
         try:
             manifest = read_manifest(data_path)
             secs["train_shards"] = [_train_shards(manifest)]
-        except (FileNotFoundError, ValueError) as e:
+        except (OSError, ValueError) as e:
             problems.append(("data.path", str(e)))
     if (data_path is not None or manifest is not None) and check_data:
         tok = _value(data, data_raw, bad, "tokenizer", str)

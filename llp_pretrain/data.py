@@ -60,6 +60,7 @@ import webdataset as wds
 from llp_pretrain.config import read_manifest
 from llp_pretrain.data_order import (MIX_CHUNK, data_layout_problem, derive_seed, rank_readers,
                                      resolve_virtual_readers, source_choices, source_counts)
+from llp_pretrain.remote import ShardFetchError, file_url, is_url, open_url_samples
 
 __all__ = [
     "DataLayoutError",
@@ -93,18 +94,21 @@ ON_CORRUPT = ("fail", "skip")
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One shard of a split: absolute ``path``, its ``name`` and ``samples`` count from the manifest,
-    and the token ``stream`` it belongs to (0 for single-process datasets; a merged ``llp-prep``
-    array dataset numbers samples within each task's stream)."""
+    """One shard of a split: absolute ``path`` (or URL, ``llp_pretrain.remote``), its ``name`` and
+    ``samples`` count from the manifest, the token ``stream`` it belongs to (0 for single-process
+    datasets; a merged ``llp-prep`` array dataset numbers samples within each task's stream) and
+    its size in ``bytes`` from the manifest (None if unknown)."""
 
     path: str
     name: str
     samples: int
     stream: int = 0
+    bytes: Optional[int] = None
 
 
 def list_shards(data_dir: str, split: str, manifest: Optional[Dict] = None) -> List[ShardInfo]:
-    """Shards of ``split`` (``train``/``val``) in stream order (by name), from ``manifest.json``.
+    """Shards of ``split`` (``train``/``val``) in stream order (by name), from ``manifest.json``;
+    ``data_dir`` may be a URL prefix (``llp_pretrain.remote``: shards are then fetched when read).
 
     Raises ``DataLayoutError`` when the split has no shards or a listed shard file is missing."""
     manifest = manifest or read_manifest(data_dir)
@@ -112,13 +116,17 @@ def list_shards(data_dir: str, split: str, manifest: Optional[Dict] = None) -> L
     for s in manifest.get("shards", []):
         if s.get("split") != split:
             continue
+        if is_url(data_dir):
+            out.append(ShardInfo(file_url(data_dir, s["name"]), s["name"], int(s["samples"]),
+                                 int(s.get("stream") or 0), s.get("bytes")))
+            continue
         p = Path(data_dir) / s["name"]
         if not p.is_file():
             raise DataLayoutError(f"{p}: listed in {Path(data_dir) / 'manifest.json'} but missing; "
                                   "re-run `llp-prep shard` or restore the file")
-        out.append(ShardInfo(str(p), s["name"], int(s["samples"]), int(s.get("stream") or 0)))
+        out.append(ShardInfo(str(p), s["name"], int(s["samples"]), int(s.get("stream") or 0), s.get("bytes")))
     if not out:
-        raise DataLayoutError(f"{Path(data_dir) / 'manifest.json'}: no '{split}' shards")
+        raise DataLayoutError(f"{data_dir}/manifest.json: no '{split}' shards")
     return sorted(out, key=lambda s: s.name)
 
 
@@ -210,7 +218,8 @@ def read_shard(shard: ShardInfo, spec: SampleSpec, on_corrupt: str = "fail", fir
     ``on_corrupt="fail"``: raises :class:`CorruptDataError` at the first bad sample, unreadable tar
     data (truncated, corrupt header, empty file) or wrong sample count. ``"skip"``: logs each (one
     line on stderr), adds the samples lost to ``counter[0]`` and yields only the good ones (at most
-    the manifest's count)."""
+    the manifest's count). A shard at a URL that cannot be fetched after the retries raises
+    ``llp_pretrain.remote.ShardFetchError`` under either policy."""
     if on_corrupt not in ON_CORRUPT:
         raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
     n, last_key = 0, None
@@ -222,13 +231,17 @@ def read_shard(shard: ShardInfo, spec: SampleSpec, on_corrupt: str = "fail", fir
             counter[0] += lost
         _warn(f"{msg.split('; run `llp-prep')[0]}; skipped (data.on_corrupt=skip)")
 
-    pipe = wds.DataPipeline(wds.SimpleShardList([shard.path]), wds.tarfile_to_samples())
-    it = iter(pipe)
+    if is_url(shard.path):
+        it = open_url_samples(shard.path, shard.bytes)
+    else:
+        it = iter(wds.DataPipeline(wds.SimpleShardList([shard.path]), wds.tarfile_to_samples()))
     while True:
         try:
             sample = next(it)
         except StopIteration:
             break
+        except ShardFetchError as e:  # unreachable, not corrupt: never skipped
+            raise ShardFetchError(e.message) from None
         except Exception as e:  # tarfile / webdataset / OS errors: the rest of the shard is unreadable
             after = f"after sample {last_key}" if last_key else "before its first sample"
             bad(f"shard {shard.name}: truncated or corrupt tar {after} ({_first_line(e)}); run `llp-prep verify` "
@@ -404,8 +417,9 @@ class TrainStream(torch.utils.data.IterableDataset):
                         k, a = next(stream)
                         keys.append(k)
                         arrays.append(a)
-            except CorruptDataError as e:  # handed to the trainer process; a worker never raises it
-                hint = " (or set data.on_corrupt=skip to train on without it)" if self.on_corrupt == "fail" else ""
+            except (CorruptDataError, ShardFetchError) as e:  # handed to the trainer process; a worker never raises it
+                hint = " (or set data.on_corrupt=skip to train on without it)" \
+                    if self.on_corrupt == "fail" and isinstance(e, CorruptDataError) else ""
                 yield {"error": f"{e}{hint}"}
                 return
             tokens = (torch.from_numpy(np.stack(arrays).astype(np.int64)) if arrays
@@ -528,32 +542,42 @@ def iter_split_tokens(data_dir: str, split: str = "val", manifest: Optional[Dict
     :func:`read_shard` (policy ``fail``: a gap would break the stream).
 
     Yields 1-D arrays of ``seq_len + 1`` ids. Raises :class:`CorruptDataError` (one line)."""
+    for _, arr in _split_samples(data_dir, split, manifest, verify_checksums):
+        yield arr
+
+
+def _split_samples(data_dir: str, split: str, manifest: Optional[Dict], verify_checksums: bool
+                   ) -> Iterator[Tuple[int, np.ndarray]]:
+    """``(stream, tokens)`` of every sample of a split in stream order (:func:`iter_split_tokens`)."""
     manifest = manifest or read_manifest(data_dir)
     shards = list_shards(data_dir, split, manifest)
     spec, first = SampleSpec.from_manifest(manifest, verify_checksums), _first_indices(shards)
     for shard in shards:
         for _, arr in read_shard(shard, spec, "fail", first[shard.name]):
-            yield arr
+            yield shard.stream, arr
 
 
 def read_split_stream(data_dir: str, split: str = "val", manifest: Optional[Dict] = None,
                       max_samples: Optional[int] = None, verify_checksums: bool = True) -> np.ndarray:
     """Reassemble a split's token stream: ``concat(s0, s1[1:], s2[1:], ...)`` (consecutive samples
-    share one boundary token, ``docs/internals.md``). Raises ``DataLayoutError`` if a boundary token
-    does not match (shards out of order or corrupt), :class:`CorruptDataError` for a sample or
-    shard that fails :func:`read_shard`'s checks. Returns a 1-D int64 array."""
-    parts, prev = [], None
-    for i, arr in enumerate(itertools.islice(iter_split_tokens(data_dir, split, manifest, verify_checksums),
-                                             max_samples)):
+    of a stream share one boundary token, ``docs/internals.md``). The train split of a merged
+    ``llp-prep`` array dataset holds several streams (the shards' ``stream``): they are
+    concatenated whole, in shard order, each one starting with its first sample's first token.
+    Raises ``DataLayoutError`` if a boundary token does not match (shards out of order or corrupt),
+    :class:`CorruptDataError` for a sample or shard that fails :func:`read_shard`'s checks. Returns
+    a 1-D int64 array."""
+    parts, prev, prev_stream = [], None, None
+    for i, (stream, arr) in enumerate(itertools.islice(_split_samples(data_dir, split, manifest, verify_checksums),
+                                                       max_samples)):
         arr = arr.astype(np.int64)
-        if prev is None:
+        if prev is None or stream != prev_stream:
             parts.append(arr)
         else:
             if arr[0] != prev[-1]:
                 raise DataLayoutError(f"{data_dir}: {split} sample {i} does not start with the previous sample's "
                                       "last token; shards are out of order or corrupt (`llp-prep verify`)")
             parts.append(arr[1:])
-        prev = arr
+        prev, prev_stream = arr, stream
     if not parts:
         raise DataLayoutError(f"{data_dir}: split '{split}' is empty")
     return np.concatenate(parts)

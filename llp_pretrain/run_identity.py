@@ -34,15 +34,19 @@ def run_hashes(cfg, tokenizer_path: Optional[Path]) -> Dict[str, Optional[str]]:
     and manifest hashes), of the tokenizer file found for it, and the tokenizer
     hash the manifest records (None where unknown)."""
     from data_prep.tokenizer import file_sha256
+    from llp_pretrain.remote import is_url, url_sha256
+
+    def sha_of(path: str) -> Optional[str]:
+        if is_url(path):
+            return url_sha256(path)
+        f = Path(path) / "manifest.json"
+        return file_sha256(f) if f.is_file() else None
 
     if cfg.data.sources:  # a mixture: its sources' names, weights and manifests (the order depends on all)
-        files = [Path(s.path) / "manifest.json" for s in cfg.data.sources]
-        listing = "".join(f"{s.name}\t{s.weight!r}\t{file_sha256(f) if f.is_file() else None}\n"
-                          for s, f in zip(cfg.data.sources, files))
+        listing = "".join(f"{s.name}\t{s.weight!r}\t{sha_of(s.path)}\n" for s in cfg.data.sources)
         manifest_sha = hashlib.sha256(listing.encode()).hexdigest()
     else:
-        manifest_file = Path(cfg.data.path) / "manifest.json"
-        manifest_sha = file_sha256(manifest_file) if manifest_file.is_file() else None
+        manifest_sha = sha_of(cfg.data.path)
     return {"manifest_sha256": manifest_sha,
             "tokenizer_sha256": file_sha256(tokenizer_path) if tokenizer_path and Path(tokenizer_path).is_file()
             else None,

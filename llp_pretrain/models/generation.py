@@ -64,14 +64,15 @@ def decode_step(model, token: torch.Tensor, state: DecodeState) -> torch.Tensor:
     return model.lm_head(model.final_norm(x))[:, 0]
 
 
-def window_logits(model, ids: torch.Tensor) -> torch.Tensor:
+def window_logits(model, ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
     """Logits ``(B, V)`` of the last token of ``ids`` ``(B, T)`` from a full forward over the
-    last ``seq_len`` tokens (the uncached path)."""
+    last ``seq_len`` tokens (the uncached path); variants that need a full window are left-padded
+    with ``pad_id`` (the caller's tokenizer id, ``special_ids.generation_ids``)."""
     cfg = model.cfg
     win = ids[:, -cfg.seq_len:]
     if cfg.variant in ("compressed_history", "segmented_history") and win.shape[1] < cfg.seq_len:
         pad = cfg.seq_len - win.shape[1]
-        win = torch.cat([win.new_zeros(win.shape[0], pad), win], dim=1)
+        win = torch.cat([win.new_full((win.shape[0], pad), pad_id), win], dim=1)
     return model(win)[:, -1]
 
 
@@ -99,8 +100,9 @@ def sample(logits: torch.Tensor, temperature: float, top_k: Optional[int],
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None,
-             eos_id: Optional[int] = None, seed: Optional[int] = None) -> torch.Tensor:
-    """Continue ``prompt_ids`` (``(T,)`` or ``(B, T)`` ints) by ``max_new_tokens`` tokens.
+             eos_id: Optional[int] = None, seed: Optional[int] = None, pad_id: int = 0) -> torch.Tensor:
+    """Continue ``prompt_ids`` (``(T,)`` or ``(B, T)`` ints) by ``max_new_tokens`` tokens;
+    ``pad_id`` left-pads short windows of the variants that need full ones (:func:`window_logits`).
 
     Returns the prompt plus the new tokens, ``(B, T + n)`` (``(T + n,)`` for a 1-D prompt),
     ``n <= max_new_tokens``: generation stops early once every row has produced ``eos_id``
@@ -136,7 +138,7 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
         if variant == "llp" or (variant == "gpt" and ids.shape[1] <= cfg.seq_len):
             logits, state = prefill(model, ids)
         else:
-            logits = window_logits(model, ids)
+            logits = window_logits(model, ids, pad_id)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         out = [ids]
         for step in range(max_new_tokens):
@@ -151,7 +153,7 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
                 logits = decode_step(model, tok, state)
             else:
                 state = None
-                logits = window_logits(model, torch.cat(out, dim=1))
+                logits = window_logits(model, torch.cat(out, dim=1), pad_id)
         res = torch.cat(out, dim=1)
         return res[0] if one_d else res
     finally:

@@ -143,6 +143,8 @@ class LMModel(nn.Module):
         ids = input_ids
         if cfg.variant == "llp" and N % cfg.segment_len != 0:
             pad = cfg.segment_len - N % cfg.segment_len
+            # right padding up to a whole segment: causal, and sliced off below, so its value (any
+            # valid id; 0 here) never reaches an output -- no tokenizer id is assumed
             ids = torch.cat([ids, ids.new_zeros(B, pad)], dim=1)
         offset = int(seq_parallel.position_offset) if seq_parallel is not None else 0
         ctx = ForwardContext(n_tokens=N, offset=offset, seq_parallel=seq_parallel, cache=_cache)
@@ -221,13 +223,13 @@ class LMModel(nn.Module):
     # ---- generation ---------------------------------------------------------------------
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None,
-                 eos_id: Optional[int] = None, seed: Optional[int] = None) -> torch.Tensor:
+                 eos_id: Optional[int] = None, seed: Optional[int] = None, pad_id: int = 0) -> torch.Tensor:
         """Sample ``max_new_tokens`` after ``prompt_ids`` ``(T,)`` or ``(B, T)``; see
         ``generation.generate``."""
         from .generation import generate
 
         return generate(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, eos_id=eos_id, seed=seed)
+                        top_p=top_p, eos_id=eos_id, seed=seed, pad_id=pad_id)
 
 
 def build_model(cfg: ModelConfig) -> LMModel:

@@ -91,8 +91,9 @@ def gather_context(engine, stage: int):
 
 def sample_text(engine, cfg: RunConfig, tokenizer_path: Optional[str], stage: int) -> Optional[str]:
     """``train.sample_tokens`` tokens generated from ``train.sample_prompt`` (temperature 0.8, top-k 40,
-    seed ``train.seed``), decoded with the run's tokenizer, or token ids when there is none; None when
-    ``train.sample_tokens`` is 0. Collective under ZeRO-3."""
+    seed ``train.seed``), decoded with the run's tokenizer, or token ids when there is none (the prompt
+    is then the manifest's EOS id); None when ``train.sample_tokens`` is 0. Generation stops at the
+    tokenizer's EOS (from the tokenizer, else the manifest: never a fixed id). Collective under ZeRO-3."""
     t = cfg.train
     if t.sample_tokens <= 0:
         return None
@@ -102,10 +103,13 @@ def sample_text(engine, cfg: RunConfig, tokenizer_path: Optional[str], stage: in
         sp_model = spm.SentencePieceProcessor(model_file=str(tokenizer_path)) if tokenizer_path else None
     except Exception:
         sp_model = None
-    prompt = sp_model.encode(t.sample_prompt) if sp_model else [4, 5, 6]
+    from llp_pretrain.special_ids import fallback_prompt, generation_ids
+
+    prompt = (sp_model.encode(t.sample_prompt) if sp_model else []) or fallback_prompt(cfg.manifest)
+    eos_id, pad_id = generation_ids(sp_model, cfg.manifest)
     with gather_context(engine, stage):
         out = engine.module.generate(torch.tensor(prompt), t.sample_tokens, temperature=0.8, top_k=40,
-                                     seed=t.seed, eos_id=3)
+                                     seed=t.seed, eos_id=eos_id, pad_id=pad_id)
     ids = out.tolist()
     return sp_model.decode(ids) if sp_model else " ".join(map(str, ids))
 
