@@ -85,7 +85,8 @@ def fast_retries(monkeypatch):
 
 
 def _batches(path, n=12, **kw):
-    stream = TrainStream(str(path), 1, 0, kw.pop("num_workers", 0), 2, seed=5, shuffle_buffer=4, **kw)
+    stream = TrainStream(str(path), global_batch_size=2, micro_batch_size=2, num_workers=kw.pop("num_workers", 0),
+                         seed=5, shuffle_buffer=4, **kw)
     return list(itertools.islice(make_train_loader(stream), n))
 
 
@@ -99,7 +100,7 @@ def test_http_samples_equal_local(ds, server):
     assert read_manifest(server.url) == read_manifest(ds)
     _same(_batches(server.url), _batches(ds))
     # resume from a URL is the same position as from the directory
-    _same(_batches(server.url, 5, consumed_batches=7), _batches(ds, 12)[7:])
+    _same(_batches(server.url, 5, start_step=7), _batches(ds, 12)[7:])
     assert np.array_equal(read_split_stream(server.url, "val"), read_split_stream(str(ds), "val"))
     assert any(r.startswith("train-") for r in server.requests)
 
