@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-sentence-bytes", type=int, default=4192,
                    help="training chunks are cut at newlines to at most this many bytes")
     t.add_argument("--character-coverage", type=float, default=0.9995,
-                   help="SentencePiece character coverage (rarer characters use byte pieces)")
+                   help="SentencePiece character coverage, in [0.98, 1] (rarer characters use byte "
+                        "pieces)")
     t.add_argument("--soft-vocab-limit", action="store_true",
                    help="accept fewer pieces than --vocab-size when the corpus is too small")
     t.add_argument("--seed", type=int, default=0, help="seed of the training-chunk sample")

@@ -21,6 +21,7 @@ from data_prep.cli import build_parser
 from data_prep.cli import main as cli_main
 from data_prep.errors import SkipCounter
 from data_prep.inputs import discover, iter_documents
+from data_prep.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = "".join(f"Document {i} says hello to the world, number {i * 7}.\n\n" for i in range(400))
@@ -318,6 +319,80 @@ def test_full_disk_while_writing_the_tokenizer_then_rerun(tmp_path, corpus_mb):
         assert json.loads((out / "tokenizer.json").read_text())["piece_count"] > 300
     finally:
         disk.close()
+
+
+def _pages(path: Path) -> int:
+    return -(-path.stat().st_size // 4096)
+
+
+@pytest.mark.skipif(not CAN_MOUNT, reason="needs a real small file system (root may mount tmpfs)")
+@pytest.mark.parametrize("fails_at", ["model", "vocab-empty", "vocab-truncated", "json"])
+def test_full_disk_at_each_tokenizer_file_leaves_nothing_half_written(tmp_path, fails_at):
+    """SentencePiece ignores failed writes (it left a truncated tokenizer.vocab, or a model that did
+    not parse: a traceback). Whichever file the disk fills at: one line naming --out, no
+    tokenizer file and no temporary left in it; with space freed the same command works."""
+    import gzip
+
+    corpus = tmp_path / "kjv.txt"       # real text: a 512-piece vocab file spans 2 pages
+    with gzip.open(REPO / "data_prep" / "data" / "kjv.txt.gz", "rt", encoding="utf-8") as f:
+        corpus.write_text("".join(f.readline() for _ in range(3000)), encoding="utf-8")
+    args = ["tokenizer", "--input", corpus, "--vocab-size", "512", "-q"]
+    ref = tmp_path / "ref"
+    assert cli_main([*map(str, args), "--out", str(ref)]) == 0
+    model, vocab = _pages(ref / "tokenizer.model"), _pages(ref / "tokenizer.vocab")
+    assert vocab >= 2     # so that "vocab-truncated" cuts it inside
+    free = {"model": 0, "vocab-empty": model, "vocab-truncated": model + 1,
+            "json": model + vocab}[fails_at]
+    disk = SmallDisk(tmp_path / "disk", 4 << 20)
+    try:
+        out = disk.path / "tok"
+        out.mkdir()
+        disk.fill_to(free * 4096)
+        r = disk.run([*args, "--out", out])
+        one_error_line(r, "no space left on the device holding", str(out), "rerun")
+        assert sorted(p.name for p in out.iterdir()) == []
+        (disk.path / "filler").unlink()
+        r = disk.run([*args, "--out", out])
+        assert r.returncode == 0, r.stderr
+        # (the model records its temporary path, so compare the pieces, not the bytes)
+        assert (out / "tokenizer.vocab").read_bytes() == (ref / "tokenizer.vocab").read_bytes()
+        pieces = [[sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+                  for sp in (load_tokenizer(d)[0] for d in (out, ref))]
+        assert pieces[0] == pieces[1]
+        assert json.loads((out / "tokenizer.json").read_text())["piece_count"] == 512
+    finally:
+        disk.close()
+
+
+@pytest.mark.parametrize("flag, value, named", [
+    ("--character-coverage", "0.5", "[0.98, 1.0]"), ("--character-coverage", "nan", "nan"),
+    ("--threads", "0", "--threads 0"), ("--threads", "100000", "--threads 100000"),
+    ("--max-sentence-bytes", "100000000000", "--max-sentence-bytes"),
+    ("--vocab-size", "3000000000", "--vocab-size 3000000000"), ("--seed", "-1", "--seed -1"),
+    ("--seed", "99999999999999", "--seed 99999999999999")])
+def test_tokenizer_options_out_of_sentencepiece_range(tmp_path, corpus_mb, flag, value, named):
+    """Values SentencePiece's trainer refuses (its own text, or a traceback for an int overflow)
+    are refused first, in our option names."""
+    r = run_prep(["tokenizer", "--input", corpus_mb, "--out", tmp_path / "t", "--vocab-size",
+                  "400", flag, value, "-q"])
+    line = one_error_line(r, named)
+    assert "_" not in line.split("error: ", 1)[1].replace(str(tmp_path), ""), line
+
+
+def test_sentencepiece_messages_use_our_option_names(tmp_path):
+    """A vocabulary smaller than the corpus's characters need: SentencePiece says "decrease
+    character_coverage with --character_coverage option"; we say --character-coverage and how
+    large --vocab-size must be."""
+    corpus = tmp_path / "cjk.txt"     # 400 distinct characters, each frequent
+    corpus.write_text("".join(chr(0x4E00 + i) * 5 + "\n" for i in range(400)) * 3, encoding="utf-8")
+    r = run_prep(["tokenizer", "--input", corpus, "--out", tmp_path / "t", "--vocab-size", "300",
+                  "-q"])
+    line = one_error_line(r, "--vocab-size 300 is too small", "--character-coverage")
+    assert "character_coverage" not in line and "vocab_size" not in line, line
+    from data_prep.tokenizer import spm_message
+    assert spm_message("Increase vocab_size or decrease character_coverage with "
+                       "--character_coverage option.") == \
+        "Increase --vocab-size or decrease --character-coverage."
 
 
 # ----------------------------------------------------------------------------- manifests
