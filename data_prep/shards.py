@@ -216,6 +216,8 @@ class _ShardSink:
         if self._file is not None:
             try:
                 self._file.close()
+            except OSError:     # flushing the rest fails too on a full disk: the first error counts
+                pass
             finally:
                 if self._tmp is not None and self._tmp.exists():
                     self._tmp.unlink()
