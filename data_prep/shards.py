@@ -446,22 +446,8 @@ def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.Path
         if gp.is_dir() and (out.resolve() == gp or gp in out.resolve().parents):
             raise DataPrepError(f"--out {out} is inside the input directory {given}: its shards "
                                 f"would be read as input next time; choose another --out")
-    settings = {
-        "inputs": [str(p) for p in inputs],
-        "tokenizer_sha256": tok_sha,
-        "seq_len": seq_len,
-        "val_fraction": val_fraction,
-        "split_seed": split_seed,
-        "samples_per_shard": samples_per_shard,
-        "doc_sep": opts.doc_sep,
-        "text_key": opts.text_key,
-        "errors": opts.errors,
-        "strict": opts.strict,
-        "max_line_bytes": opts.max_line_bytes,
-        "input_format": opts.input_format,
-        "merge_short": opts.merge_short,
-        "piece_chars": PIECE_CHARS,
-    }
+    settings = _recorded_settings(inputs, tok_sha, seq_len, val_fraction, split_seed,
+                                  samples_per_shard, opts)
     if num_tasks is not None:
         settings["num_tasks"] = num_tasks
     job = ShardJob(
@@ -485,18 +471,69 @@ def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.Path
         print(f"llp-prep shard: {out}: found {found}; {len(sources)} input files, "
               f"{workers} worker(s)", flush=True)
     packers, sinks, source_docs = encode_sources(job, sources, out)
+    return _finish_dataset(job, out, inputs, packers, sinks, source_docs)
+
+
+def _recorded_settings(inputs, tok_sha, seq_len, val_fraction, split_seed, samples_per_shard,
+                       opts: ReadOptions) -> Dict:
+    """What the manifest records as the run's settings (they make up its fingerprint)."""
+    return {
+        "inputs": [str(p) for p in inputs],
+        "tokenizer_sha256": tok_sha,
+        "seq_len": seq_len,
+        "val_fraction": val_fraction,
+        "split_seed": split_seed,
+        "samples_per_shard": samples_per_shard,
+        "doc_sep": opts.doc_sep,
+        "text_key": opts.text_key,
+        "errors": opts.errors,
+        "strict": opts.strict,
+        "max_line_bytes": opts.max_line_bytes,
+        "input_format": opts.input_format,
+        "merge_short": opts.merge_short,
+        "piece_chars": PIECE_CHARS,
+    }
+
+
+def _finish_dataset(job: "ShardJob", out: Path, inputs, packers, sinks, source_docs) -> Dict:
+    """After encoding: refuse a dataset without a single train sample, else write the tokenizer
+    copy and the manifest (last) and clear the run marker. Returns the manifest plus
+    ``skip_summary``."""
     totals = {s: packers[s].totals() for s in SPLITS}
     for s in SPLITS:
-        skips.add("dropped_tail_tokens", totals[s]["dropped_tail_tokens"])
-    manifest = dataset_manifest(job, [s for s in sources], source_docs,
+        job.skips.add("dropped_tail_tokens", totals[s]["dropped_tail_tokens"])
+    if totals["train"]["samples"] == 0:
+        _discard_run(out, sinks)
+        raise DataPrepError(no_train_samples_message(inputs, totals, job.seq_len, job.skips))
+    manifest = dataset_manifest(job, list(job.sources), source_docs,
                                 sinks["train"].shards + sinks["val"].shards, totals)
     warn_empty_val(job, totals)
-    copy_tokenizer(model_path, out)
+    copy_tokenizer(job.model_path, out)
     write_json_atomic(out / MANIFEST, manifest)
     (out / RUN_MARKER).unlink(missing_ok=True)
     manifest = dict(manifest)
-    manifest["skip_summary"] = skips.summary_lines()
+    manifest["skip_summary"] = job.skips.summary_lines()
     return manifest
+
+
+def no_train_samples_message(inputs, totals: Dict, seq_len: int, skips: SkipCounter) -> str:
+    """The one line for a run whose train split holds no sample (an empty or too short input)."""
+    t = totals["train"]
+    skipped = {k: v for k, v in skips.as_dict().items() if v and k != "dropped_tail_tokens"}
+    why = (f"{t['documents']} train documents, {t['text_tokens']} tokens: fewer than one sample "
+           f"of seq_len + 1 = {seq_len + 1} tokens")
+    if skipped:
+        why += f"; skipped: {', '.join(f'{k} {v}' for k, v in skipped.items())}"
+    return (f"no train samples from {', '.join(map(str, inputs))} ({why}); give more text, or a "
+            f"smaller --seq-len for a tiny corpus (no dataset was written)")
+
+
+def _discard_run(out: Path, sinks) -> None:
+    """Remove the shards and the run marker this run wrote (a refused run leaves no dataset)."""
+    for sink in sinks.values():
+        for entry in sink.shards:
+            (out / entry["name"]).unlink(missing_ok=True)
+    (out / RUN_MARKER).unlink(missing_ok=True)
 
 
 @dataclass

@@ -194,6 +194,38 @@ def test_out_is_a_file_or_not_writable(tmp_path, tok):
     one_error_line(r, str(ro), "permission denied")
 
 
+@pytest.mark.parametrize("content", ["", "\n\n  \n", "hi\n"])
+def test_shard_refuses_input_without_a_train_sample(tmp_path, tok, content):
+    """An empty, blank or too short input wrote a 0-sample dataset with exit 0; now one line names
+    the file, nothing is left in --out, and the same --out then takes real text."""
+    bad = tmp_path / "empty.txt"
+    bad.write_text(content)
+    out = tmp_path / "ds"
+    r = run_prep(["shard", "--input", bad, "--tokenizer", tok, "--out", out, "--seq-len", "32",
+                  "-q"])
+    one_error_line(r, "no train samples", str(bad), "seq_len + 1 = 33")
+    assert sorted(p.name for p in out.iterdir()) == []
+    good = tmp_path / "good.txt"
+    good.write_text(TEXT)
+    r = run_prep(["shard", "--input", good, "--tokenizer", tok, "--out", out, "--seq-len", "32",
+                  "--doc-sep", "blank-line", "-q"])
+    assert r.returncode == 0, r.stderr
+
+
+def test_merge_refuses_parts_without_a_train_sample(tmp_path, tok):
+    (tmp_path / "in").mkdir()
+    for i in range(2):
+        (tmp_path / "in" / f"{i}.txt").write_text("tiny\n")
+    out = tmp_path / "ds"
+    for i in range(2):
+        r = run_prep(["shard", "--input", tmp_path / "in", "--tokenizer", tok, "--out", out,
+                      "--seq-len", "32", "--num-tasks", "2", "--task-index", str(i), "-q"])
+        assert r.returncode == 0, r.stderr
+    r = run_prep(["merge", out])
+    one_error_line(r, "no train sample", str(out))
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.tar"))
+
+
 # ----------------------------------------------------------------------------- full disk
 def _can_mount() -> bool:
     if os.geteuid() != 0 or not shutil.which("mount"):
