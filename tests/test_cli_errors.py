@@ -249,6 +249,63 @@ def test_generate_tokenizer_must_be_a_sentencepiece_model(tmp_path, tiny, capsys
                     str(tok), needle)
 
 
+def _can_mount_tmpfs() -> bool:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    import tempfile
+
+    d = tempfile.mkdtemp()
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", d], capture_output=True).returncode == 0
+    if ok:
+        subprocess.run(["umount", d], check=True)
+    os.rmdir(d)
+    return ok
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs root to mount a small tmpfs (a real full file system)")
+@pytest.mark.parametrize("fills_at", ["weights", "after-weights", "over-an-earlier-export"])
+def test_export_on_a_full_disk_leaves_nothing_half_written(tmp_path, tiny, capsys, fills_at):
+    """A full disk during `export` (it was a safetensors traceback, then an empty OUT, and a failure
+    after the weights left new weights next to an earlier export's config): one line naming OUT,
+    exit 1, no OUT created, an earlier export unchanged, no temporary left; with space freed the
+    same command works."""
+    ref = tmp_path / "ref"
+    assert cli_main(["export", str(tiny / "run"), str(ref)]) == 0
+    weight_pages = -(-(ref / "model.safetensors").stat().st_size // 4096)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={weight_pages * 4096 + (256 << 10)}", "tmpfs", str(disk)],
+                   check=True)
+    try:
+        out = disk / "exp"
+        before = None
+        if fills_at == "over-an-earlier-export":
+            assert cli_main(["export", str(tiny / "run"), str(out)]) == 0
+            (out / "model_config.json").write_text('{"earlier": true}')   # tell the earlier export apart
+            (out / "model.safetensors").write_bytes(b"earlier weights")
+            before = {p.name: p.read_bytes() for p in out.iterdir()}
+        st = os.statvfs(disk)
+        free = 0 if fills_at == "weights" else weight_pages * 4096
+        (disk / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - free))
+        capsys.readouterr()
+        _main_error(capsys, ["export", tiny / "run", out], "no space left on the device holding", str(out), rc=1)
+        if before is None:
+            assert not out.exists()
+        else:
+            assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        (disk / "filler").unlink()
+        assert cli_main(["export", str(tiny / "run"), str(out)]) == 0
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+        from safetensors.torch import load_file
+
+        got, want = (load_file(str(d / "model.safetensors")) for d in (out, ref))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+        del got, want   # they map the files: the tmpfs could not be unmounted
+    finally:
+        if subprocess.run(["umount", str(disk)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(disk)], check=True)   # busy: detach it anyway
+
+
 def test_export_refuses_an_existing_file_and_writes_normal_permissions(tmp_path, tiny, capsys):
     target = tmp_path / "model.bin"
     target.write_text("precious")
