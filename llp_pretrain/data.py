@@ -281,8 +281,9 @@ class TrainStream(torch.utils.data.IterableDataset):
         consumed_batches: batches this rank already consumed (resume position).
         verify_checksums, on_corrupt: ``data.verify_checksums`` / ``data.on_corrupt`` (:func:`read_shard`).
 
-    Yields ``{"tokens": LongTensor (micro_batch_size, seq_len + 1), "keys": [str], "skipped": int}``
-    (``skipped``: samples this logical worker dropped as corrupt so far, ``on_corrupt="skip"``), or,
+    Yields ``{"tokens": LongTensor (micro_batch_size, seq_len + 1), "keys": [str], "skipped": int,
+    "worker": int}`` (``skipped``: samples logical worker ``worker`` dropped as corrupt so far,
+    ``on_corrupt="skip"``; the trainer sums the workers' latest counts), or,
     once, ``{"error": str}`` when the data is corrupt under ``on_corrupt="fail"``
     (:func:`make_train_loader`'s iterator raises it as :class:`CorruptDataError`).
     """
@@ -376,7 +377,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 yield {"error": f"{e}{hint}"}
                 return
             yield {"tokens": torch.from_numpy(np.stack(arrays).astype(np.int64)), "keys": keys,
-                   "skipped": self.skipped[0]}
+                   "skipped": self.skipped[0], "worker": logical}
 
 
 def _first_indices(shards: Sequence[ShardInfo]) -> Dict[str, int]:

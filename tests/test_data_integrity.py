@@ -295,12 +295,25 @@ def test_train_fails_with_one_line_and_skip_trains_on(tmp_path):
     last = p.stderr.strip().splitlines()[-1]
     _one_line(last, f"shard train-000003.tar sample {key}", "checksum")
 
+    # skip, with 2 loader workers each meeting a bad sample (shards 0 and 3 go to different workers)
+    flip_in_vocab(ds / "train-000000.tar", _keys_of(ds / "train-000000.tar")[4])
     p = subprocess.run([sys.executable, "-m", "llp_pretrain.cli", "train", "--config", str(cfg),
-                        "--set", "data.on_corrupt=skip", "--set", f"run.output_dir={tmp_path / 'run_skip'}"],
+                        "--set", "data.on_corrupt=skip", "--set", "data.num_workers=2",
+                        "--set", f"run.output_dir={tmp_path / 'run_skip'}"],
                        capture_output=True, text=True, timeout=240, env=_env(), cwd=REPO)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"shard train-000003.tar sample {key}: tokens differ from the checksum" in p.stderr
-    assert "skipped (data.on_corrupt=skip)" in p.stderr
+    warned = p.stderr.count("skipped (data.on_corrupt=skip)")
+    assert warned >= 2
+    # the count also reaches TensorBoard (it was on stderr only): every log step, summed over workers
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp_path / "run_skip" / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    counts = [e.value for e in ea.Scalars("data/skipped_samples")]
+    assert len(counts) == 14 and counts == sorted(counts), counts
+    assert 2 <= counts[-1] <= warned, (counts, warned)   # workers read ahead of the last step
+    assert f"skipped samples {int(counts[-1])}" in p.stdout + p.stderr
 
 
 @pytest.mark.distributed

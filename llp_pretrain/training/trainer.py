@@ -22,7 +22,8 @@ from . import callbacks as _callbacks
 from .checkpointer import Checkpointer, resolve_start
 from .distributed import setup_distributed
 from .evaluation import Evaluator, log_val, sample_text
-from .metrics import MetricsLogger, StepOutcome
+from .distributed import all_reduce
+from .metrics import MetricsLogger, SkipTally, StepOutcome
 from .peak import Peak, resolve_peak
 from .setup import Built, build_engine, prepare_run_dir
 from .step import train_step
@@ -106,7 +107,7 @@ class Trainer:
         bf16_gpu = resolved_precision(t) == "bf16" and d.device.type == "cuda"
         # measured before the loader's workers start, so they do not compete with the measurement
         peak = resolve_peak(t.peak_flops, d, torch.bfloat16 if bf16_gpu else torch.float32)
-        self.loader = iter(make_train_loader(stream))
+        self.loader = SkipTally(iter(make_train_loader(stream)))
         return peak
 
     def _open_monitor(self, built: Built, peak: Peak) -> Monitor:
@@ -150,7 +151,7 @@ class Trainer:
                 self.metrics.record(out)
                 if self.metrics.due(self.step):
                     gn = out.grad_norm if self.stage == 0 else self.engine.get_global_grad_norm()
-                    self.metrics.log(self.step, out, gn, self.skipped_total)
+                    self.metrics.log(self.step, out, gn, self.skipped_total, self.skipped_samples())
                 # periodic evaluation, unless the final one is only a few steps away
                 if t.eval_interval and self.step % t.eval_interval == 0 and \
                         self.step <= t.max_steps - max(1, t.eval_interval // 4):
@@ -173,6 +174,15 @@ class Trainer:
         finally:
             self.close()
         return self.result(loss=self.metrics.last_loss)
+
+    def skipped_samples(self) -> Optional[int]:
+        """Corrupt samples skipped so far by the loaders of all data-parallel ranks (``data.on_corrupt:
+        skip``), None under ``fail``. A collective (every rank calls it at the same steps): the ranks of a
+        sequence-parallel group read the same samples, so the sum is divided by its size."""
+        if self.cfg.data.on_corrupt != "skip":
+            return None
+        total = all_reduce([float(self.loader.local)], device=self.d.reduce_device)[0]
+        return int(round(total / self.d.sp_size))
 
     def _count_nonfinite(self, out: StepOutcome, run: int) -> int:
         """Count a skipped step; raise ``FloatingPointError`` after ``train.max_nonfinite_steps`` in a row."""
