@@ -413,10 +413,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     except RuntimeError as e:
         from llp_pretrain.engine import DistributedInitError
+        from llp_pretrain.training.distributed import peer_failure_line
 
-        if not isinstance(e, DistributedInitError):
+        line = str(e) if isinstance(e, DistributedInitError) else peer_failure_line(e)
+        if line is None:
             raise
-        print(f"llp-pretrain {args.command}: error: {e}", file=sys.stderr)
+        print(f"llp-pretrain {args.command}: error: {line}", file=sys.stderr)
         return 1
 
 

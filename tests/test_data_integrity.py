@@ -327,6 +327,7 @@ def test_corrupt_shard_on_one_rank_ends_both_ranks_promptly(tmp_path):
     log = tmp_path / "torchrun.log"
     with open(log, "w") as f:
         p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              "--log-dir", str(tmp_path / "ranks"), "--redirects", "3", "--tee", "3",
                               "-m", "llp_pretrain.cli", "train", "--config", str(cfg)],
                              stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=REPO, start_new_session=True)
         try:
@@ -339,3 +340,10 @@ def test_corrupt_shard_on_one_rank_ends_both_ranks_promptly(tmp_path):
     assert rc != 0, out[-3000:]
     assert f"shard train-000001.tar sample {key}: token id 65000 >= vocabulary size {VOCAB}" in out, out[-3000:]
     assert "DataLoader worker" not in out, out[-3000:]
+    # every rank ends with one line and no traceback: rank 1 names the sample, rank 0 (whose collective lost
+    # its peer: a gloo traceback before) says that another process failed
+    for rank, needle in ((1, f"shard train-000001.tar sample {key}"), (0, "another process of this job failed")):
+        err = next((tmp_path / "ranks").glob(f"**/attempt_0/{rank}/stderr.log")).read_text()
+        assert "Traceback" not in err, err[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("llp-pretrain train: error:") and needle in last, (rank, last)
