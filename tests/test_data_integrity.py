@@ -319,14 +319,15 @@ def test_train_fails_with_one_line_and_skip_trains_on(tmp_path):
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_corrupt_shard_on_one_rank_ends_both_ranks_promptly(tmp_path):
-    """torchrun, 2 gloo processes: only rank 1 reads the damaged shard (shards go to rank i % 2)."""
+    """torchrun (the launchers' llp_pretrain.torchrun), 2 gloo processes: only rank 1 reads the damaged shard
+    (shards go to rank i % 2)."""
     ds = _dataset(tmp_path / "ds")
     key = _keys_of(ds / "train-000001.tar")[0]
     set_token(ds / "train-000001.tar", key, 65000)
     cfg = _write_cfg(tmp_path, ds)
     log = tmp_path / "torchrun.log"
     with open(log, "w") as f:
-        p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        p = subprocess.Popen([sys.executable, "-m", "llp_pretrain.torchrun", "--standalone", "--nproc-per-node", "2",
                               "--log-dir", str(tmp_path / "ranks"), "--redirects", "3", "--tee", "3",
                               "-m", "llp_pretrain.cli", "train", "--config", str(cfg)],
                              stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=REPO, start_new_session=True)
@@ -347,3 +348,6 @@ def test_corrupt_shard_on_one_rank_ends_both_ranks_promptly(tmp_path):
         assert "Traceback" not in err, err[-3000:]
         last = err.strip().splitlines()[-1]
         assert last.startswith("llp-pretrain train: error:") and needle in last, (rank, last)
+    # and the launchers' torchrun (llp_pretrain.torchrun) ends with one line, not ChildFailedError's traceback
+    assert "Traceback" not in out, out[-3000:]
+    assert "torchrun: error: llp_pretrain.cli: rank 1 failed first (exit code 2)" in out, out[-3000:]
