@@ -84,10 +84,18 @@ def _shape_problems(state: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]
 
 
 def _check_shapes(state: Dict[str, torch.Tensor], model_cfg: Dict, where) -> None:
+    from pydantic import ValidationError
+
     from llp_pretrain.models import build_model
 
-    with torch.device("meta"):
-        ref = build_model(model_cfg).state_dict()
+    try:
+        with torch.device("meta"):
+            ref = build_model(model_cfg).state_dict()
+    except (ValidationError, TypeError) as e:
+        first = [f"{'.'.join(map(str, x['loc'])) or 'model'}: {x['msg']}" for x in e.errors()][:3] \
+            if isinstance(e, ValidationError) else [str(e)]
+        raise ValueError(f"{where}: the recorded model config is invalid ({'; '.join(first)}); this checkpoint is "
+                         "damaged, use another one") from None
     problems = _shape_problems(state, ref)
     if problems:
         raise ValueError(f"{where}: weights do not match the model config: {problems}")

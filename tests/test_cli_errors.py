@@ -306,6 +306,24 @@ def test_export_on_a_full_disk_leaves_nothing_half_written(tmp_path, tiny, capsy
             subprocess.run(["umount", "-l", str(disk)], check=True)   # busy: detach it anyway
 
 
+@pytest.mark.parametrize("key, value, named", [("zero_stage", "abc", 'zero_stage is "abc"'),
+                                                ("model", "x", 'model is "x"'),
+                                                ("model.d_model", "big", "d_model: Input should be a valid integer")])
+def test_damaged_run_meta_fields_are_named(tmp_path, tiny, capsys, key, value, named):
+    """run_meta.json with a wrong type gave "invalid literal for int()" or pydantic's multi-line text."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny / "run", run)
+    meta_file = next(run.glob("checkpoints/step*/run_meta.json"))
+    meta = json.loads(meta_file.read_text())
+    if key.startswith("model."):
+        meta["model"][key.split(".", 1)[1]] = value
+    else:
+        meta[key] = value
+    meta_file.write_text(json.dumps(meta))
+    line = _main_error(capsys, ["export", run, tmp_path / "exp"], named, "damaged")
+    assert str(meta_file.parent) in line and len(line.splitlines()) == 1
+
+
 def test_export_refuses_an_existing_file_and_writes_normal_permissions(tmp_path, tiny, capsys):
     target = tmp_path / "model.bin"
     target.write_text("precious")
