@@ -9,6 +9,7 @@ depend only on the text, never on I/O block sizes, so the output is deterministi
 from __future__ import annotations
 
 import codecs
+import errno
 import gzip
 import bz2
 import json
@@ -149,14 +150,23 @@ def _walk_dir(top: Path, input_format: str, skips: Optional[SkipCounter]) -> Lis
             note("dangling_links", str(fp), "link to a file that does not exist")
             continue
         except OSError as e:
-            raise DataPrepError(f"input {printable(fp)} cannot be read ({e.strerror}); fix its "
-                                f"permissions or leave it out of --input") from e
+            raise DataPrepError(f"input {printable(fp)} cannot be read ({e.strerror}); "
+                                f"{_fix_hint(e)}") from e
         if not stat.S_ISREG(st.st_mode):
             if not stat.S_ISDIR(st.st_mode):
                 note("special_files", str(fp), "not a regular file (FIFO, socket or device)")
             continue
         sources.append(_source(fp, rel, input_format, st.st_size))
     return sources
+
+
+def _fix_hint(e: OSError) -> str:
+    """What to do about an input that cannot be read."""
+    if e.errno == errno.ELOOP:
+        return "fix the symbolic link loop or leave it out of --input"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "fix its permissions or leave it out of --input"
+    return "fix it or leave it out of --input"
 
 
 def _source(fp: Path, identity: str, input_format: str, size: int) -> Source:
@@ -191,8 +201,8 @@ def discover(inputs: Sequence[str], input_format: str = "auto",
         except FileNotFoundError:
             raise DataPrepError(f"input {str(given)!r} does not exist (give files or directories)")
         except OSError as e:
-            raise DataPrepError(f"input {given} cannot be read ({e.strerror}); fix its "
-                                f"permissions or leave it out of --input") from e
+            raise DataPrepError(f"input {given} cannot be read ({e.strerror}); "
+                                f"{_fix_hint(e)}") from e
         if stat.S_ISDIR(st.st_mode):
             sources.extend(_walk_dir(p, input_format, skips))
         elif stat.S_ISREG(st.st_mode):
@@ -257,8 +267,8 @@ def iter_byte_blocks(path: str, progress: ProgressFn = None) -> Iterator[bytes]:
     try:
         raw = open(path, "rb")
     except OSError as e:
-        raise DataPrepError(f"input {printable(path)} cannot be read ({e.strerror}); fix its "
-                            f"permissions or leave it out of --input") from e
+        raise DataPrepError(f"input {printable(path)} cannot be read ({e.strerror}); "
+                            f"{_fix_hint(e)}") from e
     with raw:
         kind = _sniff_compression(raw.read(6))
         raw.seek(0)

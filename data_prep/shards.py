@@ -372,17 +372,23 @@ def _prepare_out_dir(out: Path, fp: str, overwrite: bool, settings: Dict) -> str
 
 
 # ----------------------------------------------------------------------------- API
+MAX_SEQ_LEN = 1 << 24          # tokens; one sample (seq_len + 1 ids) is held in memory several times
+MAX_WORKERS_PER_CPU = 4
+
+
 def _check_settings(seq_len, val_fraction, samples_per_shard, workers, parallel, num_tasks,
                     task_index) -> None:
     """Raise ``DataPrepError`` naming the first option out of range."""
-    if seq_len < 1:
-        raise DataPrepError(f"--seq-len must be >= 1, got {seq_len}")
+    if not 1 <= seq_len <= MAX_SEQ_LEN:
+        raise DataPrepError(f"--seq-len must be in [1, {MAX_SEQ_LEN}], got {seq_len}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataPrepError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if samples_per_shard < 1:
         raise DataPrepError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
-    if workers < 0:
-        raise DataPrepError(f"--workers must be >= 0, got {workers}")
+    max_workers = MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
+    if not 0 <= workers <= max_workers:
+        raise DataPrepError(f"--workers must be in [0, {max_workers}] ({MAX_WORKERS_PER_CPU} per CPU: more "
+                            f"only add overhead), got {workers}")
     if parallel not in ("processes", "threads"):
         raise DataPrepError(f"--parallel {parallel!r}: choose processes or threads")
     if (num_tasks is None) != (task_index is None):
@@ -435,8 +441,8 @@ def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.Path
     opts.validate()
     _check_settings(seq_len, val_fraction, samples_per_shard, workers, parallel, num_tasks,
                     task_index)
+    sp, tok_sha, piece_count = load_tokenizer(tokenizer)   # checked before resolving its path
     model_path = model_file(tokenizer).resolve()
-    sp, tok_sha, piece_count = load_tokenizer(model_path)
     byte_ids = [i for i in range(piece_count) if sp.is_byte(i)]
     skips = SkipCounter()
     sources = discover(inputs, opts.input_format, skips)

@@ -15,6 +15,7 @@ import hashlib
 import os
 import random
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -408,9 +409,17 @@ def load_tokenizer(model_path: os.PathLike):
 
     p = model_file(model_path)
     check_utf8_name(p, "--tokenizer")
-    if not p.is_file():
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
         raise DataPrepError(f"tokenizer {str(model_path)!r} not found (train one with "
-                            f"`llp-prep tokenizer`, or give a SentencePiece .model file)")
+                            f"`llp-prep tokenizer`, or give a SentencePiece .model file)") from None
+    except OSError as e:   # a symbolic link loop, a permission
+        raise DataPrepError(f"tokenizer {str(model_path)!r} cannot be read ({e.strerror}); give a "
+                            f"SentencePiece .model file") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DataPrepError(f"tokenizer {str(model_path)!r} is not a regular file (a FIFO or device "
+                            f"is not read); give a SentencePiece .model file")
     try:
         sha = file_sha256(p)
         sp = spm.SentencePieceProcessor(model_file=str(p))

@@ -226,6 +226,35 @@ def test_merge_refuses_parts_without_a_train_sample(tmp_path, tok):
     assert not (out / "manifest.json").exists() and not list(out.glob("*.tar"))
 
 
+def test_tokenizer_path_loop_fifo_and_input_loop_are_one_line(tmp_path, tok, capsys):
+    """A --tokenizer symlink loop was a pathlib RuntimeError traceback, a FIFO "not found"; an input
+    symlink loop advised fixing permissions."""
+    (tmp_path / "c.txt").write_text(TEXT)
+    (tmp_path / "la").symlink_to(tmp_path / "lb")
+    (tmp_path / "lb").symlink_to(tmp_path / "la")
+    os.mkfifo(tmp_path / "fifo")
+    base = ["shard", "--input", str(tmp_path / "c.txt"), "--out", str(tmp_path / "ds"), "--seq-len", "32"]
+    for t, needle in ((tmp_path / "la", "symbolic links"), (tmp_path / "fifo", "is not a regular file")):
+        assert cli_main([*base, "--tokenizer", str(t)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and str(t) in err and len(err.strip().splitlines()) == 1, err
+    assert cli_main(["tokenizer", "--input", str(tmp_path / "la"), "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert "symbolic link loop" in err and "permissions" not in err, err
+
+
+@pytest.mark.parametrize("flag, value", [("--seq-len", "1000000000000"), ("--workers", "100000")])
+def test_huge_shard_values_are_refused_up_front(tmp_path, tok, capsys, flag, value):
+    """--seq-len 1e12 was a numpy MemoryError traceback; --workers 100000 started processes until
+    killed."""
+    (tmp_path / "c.txt").write_text(TEXT)
+    args = {"--seq-len": "32", "--workers": "0", flag: value}
+    assert cli_main(["shard", "--input", str(tmp_path / "c.txt"), "--tokenizer", str(tok), "--out",
+                     str(tmp_path / "ds"), *[x for kv in args.items() for x in kv]]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} must be in [" in err and value in err and len(err.strip().splitlines()) == 1
+
+
 # ----------------------------------------------------------------------------- full disk
 def _can_mount() -> bool:
     if os.geteuid() != 0 or not shutil.which("mount"):
