@@ -183,6 +183,9 @@ def read_manifest(directory: os.PathLike) -> Dict:
     """
     p = Path(directory) / MANIFEST
     if not p.is_file():
+        if p.exists():     # a directory, a FIFO (never opened: it would block), a device
+            raise DataPrepError(f"{p} is not a regular file; {directory} holds no dataset that "
+                                f"llp-prep wrote (rerun `llp-prep shard ... --out DIR`)")
         raise DataPrepError(f"{p} not found: {directory} holds no finished dataset (rerun "
                             f"`llp-prep shard ... --out {directory}`)")
     try:
@@ -191,7 +194,13 @@ def read_manifest(directory: os.PathLike) -> Dict:
         raise DataPrepError(os_error_message(e, "reading the manifest")) from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataPrepError(f"{p}: not valid JSON ({e}); rerun `llp-prep shard`") from e
-    if not isinstance(m, dict) or m.get("format_version") != FORMAT_VERSION:
+    if not isinstance(m, dict):
+        raise DataPrepError(f"{p}: the top level is a JSON {type(m).__name__}, not an object; the "
+                            f"manifest is damaged: rebuild the dataset with `llp-prep shard`")
+    if "format_version" not in m:
+        raise DataPrepError(f"{p}: no format_version: not a manifest written by llp-prep (rebuild "
+                            f"the dataset with `llp-prep shard`)")
+    if m.get("format_version") != FORMAT_VERSION:
         raise DataPrepError(f"{p}: format_version {m.get('format_version') if isinstance(m, dict) else None!r} "
                             f"is not {FORMAT_VERSION}; rebuild it with this version of llp-prep")
     check_manifest_types(m, str(p))

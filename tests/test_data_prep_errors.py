@@ -497,6 +497,23 @@ def test_verify_and_stats_on_a_manifest_with_wrong_types(small_ds, tmp_path, pat
         assert str(ds / "manifest.json") in line
 
 
+@pytest.mark.parametrize("make, named", [
+    (lambda p: p.write_text("[1, 2]"), "the top level is a JSON list, not an object"),
+    (lambda p: p.write_text("{}"), "no format_version: not a manifest written by llp-prep"),
+    (lambda p: p.mkdir(), "is not a regular file"),
+    (lambda p: os.mkfifo(p), "is not a regular file"),      # never opened: it would block
+])
+def test_verify_and_stats_on_a_manifest_that_is_no_manifest(tmp_path, capsys, make, named):
+    """These said "format_version None is not 1" or "not found" (it exists)."""
+    d = tmp_path / "ds"
+    d.mkdir()
+    make(d / "manifest.json")
+    for cmd in ("verify", "stats"):
+        assert cli_main([cmd, str(d)]) == 2
+        err = capsys.readouterr().err
+        assert named in err and str(d / "manifest.json") in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_verify_on_a_good_dataset_still_passes(small_ds):
     assert cli_main(["verify", str(small_ds)]) == 0
 
