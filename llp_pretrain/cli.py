@@ -10,6 +10,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -45,9 +46,9 @@ def _version() -> str:
     return f"llp-pretrain {v('llp-pretrain')} (torch {v('torch')}, deepspeed {v('deepspeed')})"
 
 
-def _at_least(kind: type, low):
+def _at_least(kind: type, low, high=None):
     """argparse ``type=``: a value of ``kind`` (``int`` or ``float``; a float must be finite) that is
-    ``>= low``; anything else is refused with a message naming the value."""
+    ``>= low`` (and ``<= high`` when given); anything else is refused with a message naming the value."""
     what = "an integer" if kind is int else "a number"
 
     def parse(text: str):
@@ -57,6 +58,8 @@ def _at_least(kind: type, low):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not value >= low or value == float("inf"):
             raise argparse.ArgumentTypeError(f"{text} must be {'a finite number ' if kind is float else ''}>= {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text} must be <= {high}")
         return value
 
     parse.__name__ = f"{'integer' if kind is int else 'number'} >= {low}"
@@ -114,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample from the K most likely tokens (default: all)")
     p.add_argument("--top-p", type=float, default=None, metavar="P",
                    help="nucleus sampling mass in (0, 1] (default: off)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed for a reproducible sample (default: random)")
+    p.add_argument("--seed", type=_at_least(int, 0, 2**63 - 1), default=None,
+                   help="sampling seed for a reproducible sample (default: random)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.model file (default: the one saved with the run or the export)")
 
@@ -372,6 +376,19 @@ def _os_error_line(e: OSError) -> str:
     return f"{line}; {hint}" if hint else line
 
 
+def _out_of_memory_line(e: BaseException) -> Optional[str]:
+    """One line for an allocation that failed (host or accelerator memory), None for other errors."""
+    text = str(e).strip()
+    oom = isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or \
+        "can't allocate memory" in text or "out of memory" in text.lower()
+    if not oom:
+        return None
+    m = re.search(r"tried to allocate ([0-9.]+ ?[A-Za-z]*)", text)
+    what = f" (an allocation of {m.group(1)} failed)" if m else ""
+    return (f"out of memory{what}; make the model smaller (model.d_model, model.n_layers), lower "
+            "train.micro_batch_size or model.seq_len, or spread it over more processes (ZeRO-3)")
+
+
 def _cmd_harness(args) -> int:
     from llp_pretrain.hf.harness import main as harness_main
 
@@ -411,11 +428,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as e:  # a full disk, an I/O error: not the user's input, but no traceback either
         print(f"llp-pretrain {args.command}: error: {_os_error_line(e)}", file=sys.stderr)
         return 1
+    except MemoryError as e:
+        print(f"llp-pretrain {args.command}: error: {_out_of_memory_line(e)}", file=sys.stderr)
+        return 1
     except RuntimeError as e:
         from llp_pretrain.engine import DistributedInitError
         from llp_pretrain.training.distributed import peer_failure_line
 
-        line = str(e) if isinstance(e, DistributedInitError) else peer_failure_line(e)
+        line = str(e) if isinstance(e, DistributedInitError) else peer_failure_line(e) or _out_of_memory_line(e)
         if line is None:
             raise
         print(f"llp-pretrain {args.command}: error: {line}", file=sys.stderr)

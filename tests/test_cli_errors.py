@@ -324,6 +324,22 @@ def test_damaged_run_meta_fields_are_named(tmp_path, tiny, capsys, key, value, n
     assert str(meta_file.parent) in line and len(line.splitlines()) == 1
 
 
+def test_a_model_too_large_for_memory_is_one_line(tmp_path, tiny):
+    """d_model 1e9 passes the config checks and then could not be allocated: it was a DefaultCPUAllocator
+    traceback."""
+    raw = tiny_run_config(tiny / "ds", tmp_path / "run", deepspeed=ZERO0,
+                          model={"d_model": 1_000_000_000, "n_heads": 2})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    p = _cli("train", "--config", tmp_path / "c.yaml", timeout=300)
+    _one_line_error(p, "out of memory", "model.d_model", rc=1)
+
+
+def test_generate_seed_out_of_range_is_refused(capsys):
+    """--seed 1e23 was "Overflow when unpacking long long" (no option named)."""
+    _main_error(capsys, ["generate", "--checkpoint", "x", "--prompt", "y", "--seed", str(10 ** 23)],
+                "argument --seed", "must be <= 9223372036854775807")
+
+
 def test_export_refuses_an_existing_file_and_writes_normal_permissions(tmp_path, tiny, capsys):
     target = tmp_path / "model.bin"
     target.write_text("precious")
