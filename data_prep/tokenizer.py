@@ -15,6 +15,7 @@ import hashlib
 import os
 import random
 import re
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -277,6 +278,29 @@ def _check_written(sp_module, prefix: str, out: Path):
     return sp
 
 
+TMP_PREFIX = ".tokenizer-tmp-"
+
+
+def remove_stale_temps(out: Path, prefix: str) -> None:
+    """Remove ``out/PREFIX<pid>-*`` directories whose process is gone (a killed run's temporaries;
+    a running one's are kept)."""
+    for d in out.glob(f"{prefix}*"):
+        pid = d.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _install(tmp: Path, out: Path, info: Dict) -> None:
     """Step 6: ``tokenizer.json`` next to the model in ``tmp``, then all three renamed into ``out``
     (``tokenizer.json`` last: it records the model's sha256)."""
@@ -337,7 +361,8 @@ def train_tokenizer(inputs: Sequence[str], out_dir: os.PathLike, *, vocab_size: 
     settings = _spm_settings(vocab_size, model_type, normalization, split_digits,
                              character_coverage, max_sentence_bytes, soft_vocab_limit)
     threads = num_threads or min(os.cpu_count() or 1, 16)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".tokenizer-tmp-") as tmp_dir:
+    remove_stale_temps(out, TMP_PREFIX)
+    with tempfile.TemporaryDirectory(dir=out, prefix=f"{TMP_PREFIX}{os.getpid()}-") as tmp_dir:
         tmp = Path(tmp_dir)
         prefix = str(tmp / "tokenizer")
         _run_trainer(sentences, prefix, settings, threads, seed, counts, out)

@@ -158,7 +158,10 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     stage = None
     try:
-        stage = Path(tempfile.mkdtemp(prefix=".export-tmp-", dir=out))
+        from data_prep.tokenizer import remove_stale_temps
+
+        remove_stale_temps(out, ".export-tmp-")   # what a killed export left
+        stage = Path(tempfile.mkdtemp(prefix=f".export-tmp-{os.getpid()}-", dir=out))
         names = _write_export(stage, out, tensors, model_cfg, hashes, find_tokenizer(tag_dir), tag_dir)
         for name in names:  # renames need no space; model_config.json (what readers look for) last
             os.replace(stage / name, out / name)

@@ -255,6 +255,21 @@ def test_huge_shard_values_are_refused_up_front(tmp_path, tok, capsys, flag, val
     assert f"{flag} must be in [" in err and value in err and len(err.strip().splitlines()) == 1
 
 
+def test_tokenizer_rerun_removes_a_killed_runs_temporary_directory(tmp_path, corpus_mb):
+    """SIGKILL during training left OUT/.tokenizer-tmp-* behind for good; the next run removes those
+    of processes that are gone and keeps a running one's."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "tok"
+    (out / f".tokenizer-tmp-{dead.pid}-x1" / "sub").mkdir(parents=True)
+    (out / f".tokenizer-tmp-{os.getpid()}-x2").mkdir()
+    r = run_prep(["tokenizer", "--input", corpus_mb, "--out", out, "--vocab-size", "300",
+                  "--soft-vocab-limit", "-q"])
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == [f".tokenizer-tmp-{os.getpid()}-x2", "tokenizer.json",
+                                                     "tokenizer.model", "tokenizer.vocab"]
+
+
 # ----------------------------------------------------------------------------- full disk
 def _can_mount() -> bool:
     if os.geteuid() != 0 or not shutil.which("mount"):
