@@ -6,6 +6,7 @@ the file, line, key or value and says what to do).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -287,6 +288,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except DataPrepError as e:
         print(f"llp-prep {a.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:   # `llp-prep ... | head`: the reader left; quiet, like other tools
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:   # a full disk, a permission, ...: one line, no traceback
         print(f"llp-prep {a.cmd}: error: {os_error_message(e)}", file=sys.stderr)
         return 2
