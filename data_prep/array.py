@@ -270,7 +270,7 @@ def merge_parts(out_dir: os.PathLike, keep_parts: bool = False, overwrite: bool 
         DataPrepError: no plan, a part missing / incomplete / of another job (all named, with
             the rerun to do), a damaged stream file, or ``OUT`` holding a different dataset.
     """
-    from .shards import _ShardSink, _SplitPacker, copy_tokenizer
+    from .shards import copy_tokenizer
 
     out = Path(out_dir)
     plan_path = out / PARTS / PLAN
@@ -281,6 +281,42 @@ def merge_parts(out_dir: os.PathLike, keep_parts: bool = False, overwrite: bool 
         raise DataPrepError(f"{plan_path} not found: run the array first (`llp-prep shard ... "
                             f"--out {out} --num-tasks N --task-index I` for every I)")
     plan = _read_plan(plan_path)
+    n = plan["num_tasks"]
+    parts = _complete_parts(out, plan)
+    _check_replaceable(out, plan["job_fingerprint"], overwrite)
+    write_json_atomic(out / RUN_MARKER, {"fingerprint": plan["job_fingerprint"], "merging": True})
+    (out / MANIFEST).unlink(missing_ok=True)
+    for p in out.iterdir():
+        if SHARD_RE.match(p.name) or p.name.endswith(".tar" + PARTIAL_SUFFIX):
+            p.unlink()
+    first = parts[0]
+    L = int(first["seq_len"])
+    shards, doc_offsets, tail, val = _merge_shards(out, parts, n)
+    totals = _merged_totals(parts, tail, val, L)
+    if totals["train"]["samples"] == 0:
+        for sh in shards:
+            (out / sh["name"]).unlink(missing_ok=True)
+        (out / RUN_MARKER).unlink(missing_ok=True)
+        raise DataPrepError(f"{out}: the {n} parts hold no train sample together "
+                            f"({totals['train']['documents']} train documents, "
+                            f"{totals['train']['text_tokens']} tokens: fewer than seq_len + 1 = "
+                            f"{L + 1}); give more text or a smaller --seq-len, and rerun the "
+                            f"array (no dataset was written)")
+    m = _merged_manifest(parts, plan, shards, totals, doc_offsets, n)
+    copy_tokenizer(part_dir(out, 0) / first["tokenizer"]["copy"], out)
+    write_json_atomic(out / MANIFEST, m)
+    (out / RUN_MARKER).unlink(missing_ok=True)
+    if not keep_parts:
+        shutil.rmtree(out / PARTS)
+    if m["totals"]["val"]["samples"] == 0 and first["split"]["val_fraction"] > 0:
+        warn(f"the val split is empty ({m['totals']['val']['text_tokens']} tokens < seq_len + 1 "
+             f"= {L + 1}): raise --val-fraction or lower --seq-len if you need validation")
+    return m
+
+
+def _complete_parts(out: Path, plan: Dict) -> List[Dict]:
+    """The manifests of all parts of ``plan``; raises ``DataPrepError`` naming every part that is
+    missing, incomplete, of another job or damaged, with the rerun to do."""
     n = plan["num_tasks"]
     parts, problems = [], []
     for i in range(n):
@@ -306,7 +342,11 @@ def merge_parts(out_dir: os.PathLike, keep_parts: bool = False, overwrite: bool 
                             f"rerun those tasks (e.g. `sbatch --array={ids} "
                             f"launch/slurm/prep.sbatch ...`, or `llp-prep shard ... --num-tasks "
                             f"{n} --task-index I`), then merge again")
-    job_fp = plan["job_fingerprint"]
+    return parts
+
+
+def _check_replaceable(out: Path, job_fp: str, overwrite: bool) -> None:
+    """Refuse to replace a different finished dataset in ``out`` unless ``overwrite``."""
     old = out / MANIFEST
     if old.is_file():
         try:
@@ -316,11 +356,13 @@ def merge_parts(out_dir: os.PathLike, keep_parts: bool = False, overwrite: bool 
         if old_fp != job_fp and not overwrite:
             raise DataPrepError(f"{out} holds a different finished dataset; pass --overwrite to "
                                 f"replace it with the merged parts, or choose another --out")
-    write_json_atomic(out / RUN_MARKER, {"fingerprint": job_fp, "merging": True})
-    old.unlink(missing_ok=True)
-    for p in out.iterdir():
-        if SHARD_RE.match(p.name) or p.name.endswith(".tar" + PARTIAL_SUFFIX):
-            p.unlink()
+
+
+def _merge_shards(out: Path, parts: List[Dict], n: int):
+    """Link every part's full train shards into ``out`` and re-pack the parts' train tails and
+    val streams into new shards. Returns ``(shards, doc_offsets, tail_packer, val_packer)``."""
+    from .shards import _ShardSink, _SplitPacker
+
     first = parts[0]
     L, dtype = int(first["seq_len"]), np.dtype(first["dtype"])
     shards: List[Dict] = []
@@ -331,10 +373,11 @@ def merge_parts(out_dir: os.PathLike, keep_parts: bool = False, overwrite: bool 
             shards.append(dict(sh, name=name))
     doc_offsets = np.cumsum([0] + [pm["totals"]["train"]["documents"] +
                                    pm["totals"]["val"]["documents"] for pm in parts]).tolist()
-    tail_sink = _ShardSink(out, "train", int(first["command"]["settings"]["samples_per_shard"]), L)
+    per_shard = int(first["command"]["settings"]["samples_per_shard"])
+    tail_sink = _ShardSink(out, "train", per_shard, L)
     tail_sink.first_index = len(shards)
     tail = _SplitPacker("train", L, dtype, tail_sink, stream=n)
-    val_sink = _ShardSink(out, "val", int(first["command"]["settings"]["samples_per_shard"]), L)
+    val_sink = _ShardSink(out, "val", per_shard, L)
     val = _SplitPacker("val", L, dtype, val_sink)
     try:
         for i, pm in enumerate(parts):
@@ -351,18 +394,7 @@ def merge_parts(out_dir: os.PathLike, keep_parts: bool = False, overwrite: bool 
         tail_sink.abort()
         val_sink.abort()
         raise
-    shards += tail_sink.shards + val_sink.shards
-    totals = _merged_totals(parts, tail, val, L)
-    m = _merged_manifest(parts, plan, shards, totals, doc_offsets, n)
-    copy_tokenizer(part_dir(out, 0) / first["tokenizer"]["copy"], out)
-    write_json_atomic(out / MANIFEST, m)
-    (out / RUN_MARKER).unlink(missing_ok=True)
-    if not keep_parts:
-        shutil.rmtree(out / PARTS)
-    if m["totals"]["val"]["samples"] == 0 and first["split"]["val_fraction"] > 0:
-        warn(f"the val split is empty ({m['totals']['val']['text_tokens']} tokens < seq_len + 1 "
-             f"= {L + 1}): raise --val-fraction or lower --seq-len if you need validation")
-    return m
+    return shards + tail_sink.shards + val_sink.shards, doc_offsets, tail, val
 
 
 def _read_plan(path: Path) -> Dict:

@@ -6,6 +6,7 @@ the file, line, key or value and says what to do).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -101,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-sentence-bytes", type=int, default=4192,
                    help="training chunks are cut at newlines to at most this many bytes")
     t.add_argument("--character-coverage", type=float, default=0.9995,
-                   help="SentencePiece character coverage (rarer characters use byte pieces)")
+                   help="SentencePiece character coverage, in [0.98, 1] (rarer characters use byte "
+                        "pieces)")
     t.add_argument("--soft-vocab-limit", action="store_true",
                    help="accept fewer pieces than --vocab-size when the corpus is too small")
     t.add_argument("--seed", type=int, default=0, help="seed of the training-chunk sample")
@@ -187,89 +189,109 @@ def _with_array(argv: List[str], num_tasks: Optional[int]) -> List[str]:
     return argv + ["--num-tasks", str(num_tasks)]
 
 
+def _cmd_tokenizer(a, argv: List[str]) -> int:
+    from .tokenizer import train_tokenizer
+
+    info = train_tokenizer(
+        a.input, a.out, vocab_size=a.vocab_size, model_type=a.model_type,
+        normalization=a.normalization, max_sentences=a.max_sentences,
+        max_sentence_bytes=a.max_sentence_bytes, character_coverage=a.character_coverage,
+        soft_vocab_limit=a.soft_vocab_limit, seed=a.seed, num_threads=a.threads,
+        read_options=_read_options(a), quiet=a.quiet, argv=argv)
+    print(f"wrote {a.out}/tokenizer.model ({info['piece_count']} pieces, sha256 "
+          f"{info['sha256'][:16]}...) from {info['sampling']['documents']:,} documents, "
+          f"{info['sampling']['sentences_used']:,} of "
+          f"{info['sampling']['sentences_seen']:,} training chunks")
+    print("skipped:")
+    print("\n".join(info["skip_summary"]))
+    return 0
+
+
+def _cmd_shard(a, argv: List[str]) -> int:
+    from .shards import build_shards
+
+    num_tasks, task_index = _array_args(a)
+    m = build_shards(
+        a.input, a.tokenizer, a.out, seq_len=a.seq_len, val_fraction=a.val_fraction,
+        samples_per_shard=a.samples_per_shard, workers=a.workers,
+        read_options=_read_options(a), split_seed=a.split_seed, overwrite=a.overwrite,
+        quiet=a.quiet, parallel=a.parallel, argv=_with_array(argv, num_tasks),
+        num_tasks=num_tasks, task_index=task_index)
+    if m.get("kind") == "part":
+        t = m["totals"]
+        print(f"task {m['task_index']} of {m['num_tasks']}: {t['train']['documents']:,} "
+              f"train + {t['val']['documents']:,} val documents -> "
+              f"{t['train']['samples']:,} train samples; wrote "
+              f"{a.out}/parts/{m['task_index']}/manifest.json")
+        return 0
+    for s, t in m["totals"].items():
+        print(f"{s}: {t['documents']:,} documents, {t['text_tokens']:,} tokens -> "
+              f"{t['samples']:,} samples in {t['shards']} shards "
+              f"({t['dropped_tail_tokens']:,} tail tokens dropped)")
+    print(f"wrote {a.out}/manifest.json")
+    n_train, samples = m["totals"]["train"]["shards"], m["totals"]["train"]["samples"]
+    if n_train < FEW_SHARDS:
+        more = (f": lower --samples-per-shard (now {a.samples_per_shard}) for a small corpus"
+                if samples > n_train else ": this corpus holds too few samples for more")
+        print(f"note: {n_train} train shard(s); training needs at least data_parallel_size x "
+              f"data.num_workers of them (`llp-pretrain check-config` checks){more}")
+    print("skipped:")
+    print("\n".join(m["skip_summary"]))
+    return 0
+
+
+def _cmd_merge(a, argv: List[str]) -> int:
+    from .array import merge_parts
+
+    m = merge_parts(a.dir, keep_parts=a.keep_parts, overwrite=a.overwrite)
+    for s, t in m["totals"].items():
+        print(f"{s}: {t['documents']:,} documents, {t['samples']:,} samples in "
+              f"{t['shards']} shards")
+    print(f"wrote {a.dir}/manifest.json ({m['array']['num_tasks']} parts merged)")
+    return 0
+
+
+def _cmd_verify(a, argv: List[str]) -> int:
+    from .verify import verify_dataset
+
+    r = verify_dataset(a.dir)
+    if a.json:
+        print(json.dumps(r, indent=1))
+    else:
+        for w in r["warnings"]:
+            print(f"warning: {w}")
+        for e in r["errors"]:
+            print(f"ERROR: {e}")
+        print(f"{'OK' if r['ok'] else 'FAILED'}: {r['shards']} shards, {r['samples']:,} "
+              f"samples, {r['tokens']:,} tokens checked in {a.dir}")
+    return 0 if r["ok"] else 1
+
+
+def _cmd_stats(a, argv: List[str]) -> int:
+    from .stats import dataset_stats, format_stats
+
+    st = dataset_stats(a.dir)
+    print(json.dumps(st, indent=1) if a.json else "\n".join(format_stats(st)))
+    return 0
+
+
+COMMANDS = {"tokenizer": _cmd_tokenizer, "shard": _cmd_shard, "merge": _cmd_merge,
+            "verify": _cmd_verify, "stats": _cmd_stats}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``llp-prep``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
     try:
-        if a.cmd == "tokenizer":
-            from .tokenizer import train_tokenizer
-
-            info = train_tokenizer(
-                a.input, a.out, vocab_size=a.vocab_size, model_type=a.model_type,
-                normalization=a.normalization, max_sentences=a.max_sentences,
-                max_sentence_bytes=a.max_sentence_bytes, character_coverage=a.character_coverage,
-                soft_vocab_limit=a.soft_vocab_limit, seed=a.seed, num_threads=a.threads,
-                read_options=_read_options(a), quiet=a.quiet, argv=argv)
-            print(f"wrote {a.out}/tokenizer.model ({info['piece_count']} pieces, sha256 "
-                  f"{info['sha256'][:16]}...) from {info['sampling']['documents']:,} documents, "
-                  f"{info['sampling']['sentences_used']:,} of "
-                  f"{info['sampling']['sentences_seen']:,} training chunks")
-            print("skipped:")
-            print("\n".join(info["skip_summary"]))
-            return 0
-        if a.cmd == "shard":
-            from .shards import build_shards
-
-            num_tasks, task_index = _array_args(a)
-            m = build_shards(
-                a.input, a.tokenizer, a.out, seq_len=a.seq_len, val_fraction=a.val_fraction,
-                samples_per_shard=a.samples_per_shard, workers=a.workers,
-                read_options=_read_options(a), split_seed=a.split_seed, overwrite=a.overwrite,
-                quiet=a.quiet, parallel=a.parallel, argv=_with_array(argv, num_tasks),
-                num_tasks=num_tasks, task_index=task_index)
-            if m.get("kind") == "part":
-                t = m["totals"]
-                print(f"task {m['task_index']} of {m['num_tasks']}: {t['train']['documents']:,} "
-                      f"train + {t['val']['documents']:,} val documents -> "
-                      f"{t['train']['samples']:,} train samples; wrote "
-                      f"{a.out}/parts/{m['task_index']}/manifest.json")
-                return 0
-            for s, t in m["totals"].items():
-                print(f"{s}: {t['documents']:,} documents, {t['text_tokens']:,} tokens -> "
-                      f"{t['samples']:,} samples in {t['shards']} shards "
-                      f"({t['dropped_tail_tokens']:,} tail tokens dropped)")
-            print(f"wrote {a.out}/manifest.json")
-            n_train = m["totals"]["train"]["shards"]
-            if n_train < FEW_SHARDS:
-                print(f"note: {n_train} train shard(s); training needs at least data_parallel_size "
-                      f"x data.num_workers of them (`llp-pretrain check-config` checks): lower "
-                      f"--samples-per-shard (now {a.samples_per_shard}) for a small corpus")
-            print("skipped:")
-            print("\n".join(m["skip_summary"]))
-            return 0
-        if a.cmd == "merge":
-            from .array import merge_parts
-
-            m = merge_parts(a.dir, keep_parts=a.keep_parts, overwrite=a.overwrite)
-            for s, t in m["totals"].items():
-                print(f"{s}: {t['documents']:,} documents, {t['samples']:,} samples in "
-                      f"{t['shards']} shards")
-            print(f"wrote {a.dir}/manifest.json ({m['array']['num_tasks']} parts merged)")
-            return 0
-        if a.cmd == "verify":
-            from .verify import verify_dataset
-
-            r = verify_dataset(a.dir)
-            if a.json:
-                print(json.dumps(r, indent=1))
-            else:
-                for w in r["warnings"]:
-                    print(f"warning: {w}")
-                for e in r["errors"]:
-                    print(f"ERROR: {e}")
-                print(f"{'OK' if r['ok'] else 'FAILED'}: {r['shards']} shards, {r['samples']:,} "
-                      f"samples, {r['tokens']:,} tokens checked in {a.dir}")
-            return 0 if r["ok"] else 1
-        if a.cmd == "stats":
-            from .stats import dataset_stats, format_stats
-
-            st = dataset_stats(a.dir)
-            print(json.dumps(st, indent=1) if a.json else "\n".join(format_stats(st)))
-            return 0
+        return COMMANDS[a.cmd](a, argv)
     except DataPrepError as e:
         print(f"llp-prep {a.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:   # `llp-prep ... | head`: the reader left; quiet, like other tools
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:   # a full disk, a permission, ...: one line, no traceback
         print(f"llp-prep {a.cmd}: error: {os_error_message(e)}", file=sys.stderr)
         return 2
@@ -277,7 +299,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"llp-prep {a.cmd}: interrupted; rerun the same command to redo it cleanly",
               file=sys.stderr)
         return 130
-    return 2
 
 
 if __name__ == "__main__":

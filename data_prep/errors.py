@@ -20,12 +20,13 @@ def os_error_message(e: OSError, doing: str = "", hint: str = "") -> str:
     ``ENOSPC`` says "no space left on <path>" and that the same command can simply be rerun;
     ``EFBIG`` (a file-size limit) and the permission and not-a-directory kinds get their own advice.
     """
-    path = printable(e.filename) if e.filename is not None else "?"
+    known = e.filename is not None
+    path = printable(e.filename) if known else "the output"
     what = f" while {doing}" if doing else ""
     rerun = "then rerun the same command (it redoes the unfinished work cleanly)"
     if e.errno == errno.ENOSPC:
-        return f"no space left on the device holding {path}{what}; free space or choose another " \
-               f"--out, {rerun}"
+        where = f"the device holding {path}" if known else "the output device"
+        return f"no space left on {where}{what}; free space or choose another --out, {rerun}"
     if e.errno == errno.EDQUOT:
         return f"disk quota exceeded for {path}{what}; free space or choose another --out, {rerun}"
     if e.errno == errno.EFBIG:

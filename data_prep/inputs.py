@@ -9,6 +9,7 @@ depend only on the text, never on I/O block sizes, so the output is deterministi
 from __future__ import annotations
 
 import codecs
+import errno
 import gzip
 import bz2
 import json
@@ -149,14 +150,23 @@ def _walk_dir(top: Path, input_format: str, skips: Optional[SkipCounter]) -> Lis
             note("dangling_links", str(fp), "link to a file that does not exist")
             continue
         except OSError as e:
-            raise DataPrepError(f"input {printable(fp)} cannot be read ({e.strerror}); fix its "
-                                f"permissions or leave it out of --input") from e
+            raise DataPrepError(f"input {printable(fp)} cannot be read ({e.strerror}); "
+                                f"{_fix_hint(e)}") from e
         if not stat.S_ISREG(st.st_mode):
             if not stat.S_ISDIR(st.st_mode):
                 note("special_files", str(fp), "not a regular file (FIFO, socket or device)")
             continue
         sources.append(_source(fp, rel, input_format, st.st_size))
     return sources
+
+
+def _fix_hint(e: OSError) -> str:
+    """What to do about an input that cannot be read."""
+    if e.errno == errno.ELOOP:
+        return "fix the symbolic link loop or leave it out of --input"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "fix its permissions or leave it out of --input"
+    return "fix it or leave it out of --input"
 
 
 def _source(fp: Path, identity: str, input_format: str, size: int) -> Source:
@@ -191,8 +201,8 @@ def discover(inputs: Sequence[str], input_format: str = "auto",
         except FileNotFoundError:
             raise DataPrepError(f"input {str(given)!r} does not exist (give files or directories)")
         except OSError as e:
-            raise DataPrepError(f"input {given} cannot be read ({e.strerror}); fix its "
-                                f"permissions or leave it out of --input") from e
+            raise DataPrepError(f"input {given} cannot be read ({e.strerror}); "
+                                f"{_fix_hint(e)}") from e
         if stat.S_ISDIR(st.st_mode):
             sources.extend(_walk_dir(p, input_format, skips))
         elif stat.S_ISREG(st.st_mode):
@@ -257,8 +267,8 @@ def iter_byte_blocks(path: str, progress: ProgressFn = None) -> Iterator[bytes]:
     try:
         raw = open(path, "rb")
     except OSError as e:
-        raise DataPrepError(f"input {printable(path)} cannot be read ({e.strerror}); fix its "
-                            f"permissions or leave it out of --input") from e
+        raise DataPrepError(f"input {printable(path)} cannot be read ({e.strerror}); "
+                            f"{_fix_hint(e)}") from e
     with raw:
         kind = _sniff_compression(raw.read(6))
         raw.seek(0)
@@ -525,9 +535,7 @@ def _jsonl_documents(src: Source, opts: ReadOptions, skips: SkipCounter,
         for _ in blocks:
             pass
         return
-    handler = _HANDLERS[opts.errors]
     before = _INVALID[0]
-    key = opts.text_key
 
     def bad(kind: str, lineno: int, what: str):
         where = f"{src.path}:{lineno}"
@@ -536,40 +544,28 @@ def _jsonl_documents(src: Source, opts: ReadOptions, skips: SkipCounter,
                                 f"skip and count such lines")
         skips.add(kind, where=where)
 
-    def record(line: bytes, lineno: int) -> Optional[str]:
-        if not line.strip():
-            return None
-        try:
-            text = line.decode("utf-8", handler)
-        except UnicodeDecodeError as e:
-            raise DataPrepError(f"{src.path}:{lineno}: invalid UTF-8 at column byte {e.start} "
-                                f"({e.reason}); fix the line, or pass --errors replace or "
-                                f"--errors skip") from e
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            bad("json_errors", lineno, f"not valid JSON ({e.msg} at column {e.colno})")
-            return None
-        if not isinstance(obj, dict) or key not in obj:
-            bad("json_missing_key", lineno, f"no key {key!r} (set --text-key)")
-            return None
-        val = obj[key]
-        if not isinstance(val, str):
-            bad("json_non_string", lineno, f"key {key!r} holds {type(val).__name__}, not a string")
-            return None
-        val = clean_unicode(val, opts.errors, skips, f"{src.path}:{lineno}")
-        if not val.strip():
-            skips.add("empty_documents", where=f"{src.path}:{lineno}")
-            return None
-        return val
-
     def chunks():
         yield first
         yield from blocks
 
+    for lineno, line in _jsonl_lines(chunks(), opts.max_line_bytes, bad):
+        text = _jsonl_record(line, lineno, src, opts, skips, bad)
+        if text is not None:
+            yield from _pieces(text, lineno)
+    n_bad = _INVALID[0] - before
+    if n_bad:
+        skips.add("invalid_utf8_sequences", n_bad, where=src.path)
+        skips.add("files_with_invalid_utf8", 1, where=src.path)
+
+
+def _jsonl_lines(chunks: Iterable[bytes], max_line_bytes: int,
+                 bad: Callable[[str, int, str], None]) -> Iterator[Tuple[int, bytes]]:
+    """``(line number, line)`` of a byte stream cut at ``\\n`` (the last line may lack one); a line
+    longer than ``max_line_bytes`` is reported to ``bad`` and dropped without being held whole."""
+    too_long_msg = f"line longer than --max-line-bytes={max_line_bytes}"
     carry: List[bytes] = []
     carry_len, lineno, too_long = 0, 0, False
-    for b in chunks():
+    for b in chunks:
         start = 0
         while True:
             nl = b.find(b"\n", start)
@@ -577,9 +573,8 @@ def _jsonl_documents(src: Source, opts: ReadOptions, skips: SkipCounter,
                 if not too_long:
                     carry.append(b[start:])
                     carry_len += len(b) - start
-                    if carry_len > opts.max_line_bytes:
-                        bad("lines_too_long", lineno + 1,
-                            f"line longer than --max-line-bytes={opts.max_line_bytes}")
+                    if carry_len > max_line_bytes:
+                        bad("lines_too_long", lineno + 1, too_long_msg)
                         carry, carry_len, too_long = [], 0, True
                 break
             lineno += 1
@@ -588,22 +583,45 @@ def _jsonl_documents(src: Source, opts: ReadOptions, skips: SkipCounter,
             else:
                 line = b"".join(carry) + b[start:nl] if carry else b[start:nl]
                 carry, carry_len = [], 0
-                if len(line) > opts.max_line_bytes:
-                    bad("lines_too_long", lineno,
-                        f"line longer than --max-line-bytes={opts.max_line_bytes}")
+                if len(line) > max_line_bytes:
+                    bad("lines_too_long", lineno, too_long_msg)
                 else:
-                    text = record(line, lineno)
-                    if text is not None:
-                        yield from _pieces(text, lineno)
+                    yield lineno, line
             start = nl + 1
     if carry and not too_long:
-        text = record(b"".join(carry), lineno + 1)
-        if text is not None:
-            yield from _pieces(text, lineno + 1)
-    n_bad = _INVALID[0] - before
-    if n_bad:
-        skips.add("invalid_utf8_sequences", n_bad, where=src.path)
-        skips.add("files_with_invalid_utf8", 1, where=src.path)
+        yield lineno + 1, b"".join(carry)
+
+
+def _jsonl_record(line: bytes, lineno: int, src: Source, opts: ReadOptions, skips: SkipCounter,
+                  bad: Callable[[str, int, str], None]) -> Optional[str]:
+    """The text of one JSON Lines record, or None (a blank line, or a bad record counted or, with
+    --strict, refused by ``bad``)."""
+    if not line.strip():
+        return None
+    key = opts.text_key
+    try:
+        text = line.decode("utf-8", _HANDLERS[opts.errors])
+    except UnicodeDecodeError as e:
+        raise DataPrepError(f"{src.path}:{lineno}: invalid UTF-8 at column byte {e.start} "
+                            f"({e.reason}); fix the line, or pass --errors replace or "
+                            f"--errors skip") from e
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        bad("json_errors", lineno, f"not valid JSON ({e.msg} at column {e.colno})")
+        return None
+    if not isinstance(obj, dict) or key not in obj:
+        bad("json_missing_key", lineno, f"no key {key!r} (set --text-key)")
+        return None
+    val = obj[key]
+    if not isinstance(val, str):
+        bad("json_non_string", lineno, f"key {key!r} holds {type(val).__name__}, not a string")
+        return None
+    val = clean_unicode(val, opts.errors, skips, f"{src.path}:{lineno}")
+    if not val.strip():
+        skips.add("empty_documents", where=f"{src.path}:{lineno}")
+        return None
+    return val
 
 
 def iter_source_documents(src: Source, opts: ReadOptions, skips: SkipCounter,

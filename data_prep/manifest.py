@@ -155,6 +155,9 @@ def read_manifest(directory: os.PathLike) -> Dict:
     """
     p = Path(directory) / MANIFEST
     if not p.is_file():
+        if p.exists():     # a directory, a FIFO (never opened: it would block), a device
+            raise DataPrepError(f"{p} is not a regular file; {directory} holds no dataset that "
+                                f"llp-prep wrote (rerun `llp-prep shard ... --out DIR`)")
         raise DataPrepError(f"{p} not found: {directory} holds no finished dataset (rerun "
                             f"`llp-prep shard ... --out {directory}`)")
     try:
@@ -177,7 +180,13 @@ def parse_manifest(raw: bytes, where: str) -> Dict:
         m = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataPrepError(f"{where}: not valid JSON ({e}); rerun `llp-prep shard`") from e
-    if not isinstance(m, dict) or m.get("format_version") != FORMAT_VERSION:
+    if not isinstance(m, dict):
+        raise DataPrepError(f"{where}: the top level is a JSON {type(m).__name__}, not an object; the "
+                            f"manifest is damaged: rebuild the dataset with `llp-prep shard`")
+    if "format_version" not in m:
+        raise DataPrepError(f"{where}: no format_version: not a manifest written by llp-prep (rebuild "
+                            f"the dataset with `llp-prep shard`)")
+    if m.get("format_version") != FORMAT_VERSION:
         raise DataPrepError(f"{where}: format_version {m.get('format_version') if isinstance(m, dict) else None!r} "
                             f"is not {FORMAT_VERSION}; rebuild it with this version of llp-prep")
     check_manifest_types(m, where)

@@ -212,6 +212,8 @@ class _ShardSink:
         if self._file is not None:
             try:
                 self._file.close()
+            except OSError:     # flushing the rest fails too on a full disk: the first error counts
+                pass
             finally:
                 if self._tmp is not None and self._tmp.exists():
                     self._tmp.unlink()
@@ -366,17 +368,23 @@ def _prepare_out_dir(out: Path, fp: str, overwrite: bool, settings: Dict) -> str
 
 
 # ----------------------------------------------------------------------------- API
+MAX_SEQ_LEN = 1 << 24          # tokens; one sample (seq_len + 1 ids) is held in memory several times
+MAX_WORKERS_PER_CPU = 4
+
+
 def _check_settings(seq_len, val_fraction, samples_per_shard, workers, parallel, num_tasks,
                     task_index) -> None:
     """Raise ``DataPrepError`` naming the first option out of range."""
-    if seq_len < 1:
-        raise DataPrepError(f"--seq-len must be >= 1, got {seq_len}")
+    if not 1 <= seq_len <= MAX_SEQ_LEN:
+        raise DataPrepError(f"--seq-len must be in [1, {MAX_SEQ_LEN}], got {seq_len}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataPrepError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if samples_per_shard < 1:
         raise DataPrepError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
-    if workers < 0:
-        raise DataPrepError(f"--workers must be >= 0, got {workers}")
+    max_workers = MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
+    if not 0 <= workers <= max_workers:
+        raise DataPrepError(f"--workers must be in [0, {max_workers}] ({MAX_WORKERS_PER_CPU} per CPU: more "
+                            f"only add overhead), got {workers}")
     if parallel not in ("processes", "threads"):
         raise DataPrepError(f"--parallel {parallel!r}: choose processes or threads")
     if (num_tasks is None) != (task_index is None):
@@ -429,8 +437,8 @@ def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.Path
     opts.validate()
     _check_settings(seq_len, val_fraction, samples_per_shard, workers, parallel, num_tasks,
                     task_index)
+    sp, tok_sha, piece_count = load_tokenizer(tokenizer)   # checked before resolving its path
     model_path = model_file(tokenizer).resolve()
-    sp, tok_sha, piece_count = load_tokenizer(model_path)
     byte_ids = [i for i in range(piece_count) if sp.is_byte(i)]
     skips = SkipCounter()
     sources = discover(inputs, opts.input_format, skips)
@@ -440,22 +448,8 @@ def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.Path
         if gp.is_dir() and (out.resolve() == gp or gp in out.resolve().parents):
             raise DataPrepError(f"--out {out} is inside the input directory {given}: its shards "
                                 f"would be read as input next time; choose another --out")
-    settings = {
-        "inputs": [str(p) for p in inputs],
-        "tokenizer_sha256": tok_sha,
-        "seq_len": seq_len,
-        "val_fraction": val_fraction,
-        "split_seed": split_seed,
-        "samples_per_shard": samples_per_shard,
-        "doc_sep": opts.doc_sep,
-        "text_key": opts.text_key,
-        "errors": opts.errors,
-        "strict": opts.strict,
-        "max_line_bytes": opts.max_line_bytes,
-        "input_format": opts.input_format,
-        "merge_short": opts.merge_short,
-        "piece_chars": PIECE_CHARS,
-    }
+    settings = _recorded_settings(inputs, tok_sha, seq_len, val_fraction, split_seed,
+                                  samples_per_shard, opts)
     if num_tasks is not None:
         settings["num_tasks"] = num_tasks
     job = ShardJob(
@@ -479,18 +473,69 @@ def build_shards(inputs: Sequence[str], tokenizer: os.PathLike, out_dir: os.Path
         print(f"llp-prep shard: {out}: found {found}; {len(sources)} input files, "
               f"{workers} worker(s)", flush=True)
     packers, sinks, source_docs = encode_sources(job, sources, out)
+    return _finish_dataset(job, out, inputs, packers, sinks, source_docs)
+
+
+def _recorded_settings(inputs, tok_sha, seq_len, val_fraction, split_seed, samples_per_shard,
+                       opts: ReadOptions) -> Dict:
+    """What the manifest records as the run's settings (they make up its fingerprint)."""
+    return {
+        "inputs": [str(p) for p in inputs],
+        "tokenizer_sha256": tok_sha,
+        "seq_len": seq_len,
+        "val_fraction": val_fraction,
+        "split_seed": split_seed,
+        "samples_per_shard": samples_per_shard,
+        "doc_sep": opts.doc_sep,
+        "text_key": opts.text_key,
+        "errors": opts.errors,
+        "strict": opts.strict,
+        "max_line_bytes": opts.max_line_bytes,
+        "input_format": opts.input_format,
+        "merge_short": opts.merge_short,
+        "piece_chars": PIECE_CHARS,
+    }
+
+
+def _finish_dataset(job: "ShardJob", out: Path, inputs, packers, sinks, source_docs) -> Dict:
+    """After encoding: refuse a dataset without a single train sample, else write the tokenizer
+    copy and the manifest (last) and clear the run marker. Returns the manifest plus
+    ``skip_summary``."""
     totals = {s: packers[s].totals() for s in SPLITS}
     for s in SPLITS:
-        skips.add("dropped_tail_tokens", totals[s]["dropped_tail_tokens"])
-    manifest = dataset_manifest(job, [s for s in sources], source_docs,
+        job.skips.add("dropped_tail_tokens", totals[s]["dropped_tail_tokens"])
+    if totals["train"]["samples"] == 0:
+        _discard_run(out, sinks)
+        raise DataPrepError(no_train_samples_message(inputs, totals, job.seq_len, job.skips))
+    manifest = dataset_manifest(job, list(job.sources), source_docs,
                                 sinks["train"].shards + sinks["val"].shards, totals)
     warn_empty_val(job, totals)
-    copy_tokenizer(model_path, out)
+    copy_tokenizer(job.model_path, out)
     write_json_atomic(out / MANIFEST, manifest)
     (out / RUN_MARKER).unlink(missing_ok=True)
     manifest = dict(manifest)
-    manifest["skip_summary"] = skips.summary_lines()
+    manifest["skip_summary"] = job.skips.summary_lines()
     return manifest
+
+
+def no_train_samples_message(inputs, totals: Dict, seq_len: int, skips: SkipCounter) -> str:
+    """The one line for a run whose train split holds no sample (an empty or too short input)."""
+    t = totals["train"]
+    skipped = {k: v for k, v in skips.as_dict().items() if v and k != "dropped_tail_tokens"}
+    why = (f"{t['documents']} train documents, {t['text_tokens']} tokens: fewer than one sample "
+           f"of seq_len + 1 = {seq_len + 1} tokens")
+    if skipped:
+        why += f"; skipped: {', '.join(f'{k} {v}' for k, v in skipped.items())}"
+    return (f"no train samples from {', '.join(map(str, inputs))} ({why}); give more text, or a "
+            f"smaller --seq-len for a tiny corpus (no dataset was written)")
+
+
+def _discard_run(out: Path, sinks) -> None:
+    """Remove the shards and the run marker this run wrote (a refused run leaves no dataset)."""
+    for sink in sinks.values():
+        for entry in sink.shards:
+            (out / entry["name"]).unlink(missing_ok=True)
+    (out / RUN_MARKER).unlink(missing_ok=True)
 
 
 @dataclass

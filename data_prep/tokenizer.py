@@ -10,10 +10,13 @@ the newline character gets its own pieces. A reservoir sample of ``max_sentences
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
 import re
+import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -115,6 +118,203 @@ def _sample_sentences(sources, opts: ReadOptions, skips: SkipCounter, max_senten
 
 
 _TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
+_TOO_FEW_CHARS = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
+# SentencePiece's own option names, as they appear in its messages, and ours (``llp-prep tokenizer``)
+_SPM_OPTIONS = {"character_coverage": "--character-coverage", "vocab_size": "--vocab-size",
+                "num_threads": "--threads", "max_sentence_length": "--max-sentence-bytes",
+                "model_type": "--model-type", "normalization_rule_name": "--normalization",
+                "input_sentence_size": "--max-sentences", "hard_vocab_limit": "--soft-vocab-limit",
+                "split_digits": "--split-digits"}
+# ranges SentencePiece's trainer accepts (its VerifySpec), checked first so that no message of
+# its own (with its option names) reaches the user
+CHARACTER_COVERAGE_RANGE = (0.98, 1.0)
+MAX_THREADS = 128
+MAX_SENTENCE_BYTES = 1 << 30
+MAX_VOCAB_SIZE = (1 << 31) - 1
+MAX_SEED = (1 << 32) - 2
+MIN_VOCAB_SIZE = 4 + 256 + 1
+
+
+def spm_message(text: str) -> str:
+    """SentencePiece's message ``text`` in our terms: its option names (``--character_coverage``,
+    ``vocab_size``, ...) become ``llp-prep tokenizer``'s (``--character-coverage``, ...)."""
+    text = re.sub(r" with --(\w+) option", "", text.strip())
+    for theirs, ours in _SPM_OPTIONS.items():
+        text = re.sub(rf"(?<![\w.])(?:--)?{theirs}(?:\(\))?(?!\w)", ours, text)
+    return text
+
+
+def check_tokenizer_settings(vocab_size: int, model_type: str, normalization: str,
+                             max_sentences: int, max_sentence_bytes: int,
+                             character_coverage: float, seed: int,
+                             num_threads: Optional[int]) -> None:
+    """Raise ``DataPrepError`` naming the first ``llp-prep tokenizer`` option out of range."""
+    if model_type not in MODEL_TYPES:
+        raise DataPrepError(f"--model-type {model_type!r}: choose one of {', '.join(MODEL_TYPES)}")
+    if normalization not in NORMALIZATIONS:
+        raise DataPrepError(f"--normalization {normalization!r}: choose one of "
+                            f"{', '.join(NORMALIZATIONS)}")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise DataPrepError(f"--vocab-size {vocab_size} is too small: the 4 special pieces and the "
+                            f"256 byte-fallback pieces need {MIN_VOCAB_SIZE - 1}; use at least "
+                            f"{MIN_VOCAB_SIZE} (1000+ for real text)")
+    checks = [
+        ("--vocab-size", vocab_size, MIN_VOCAB_SIZE, MAX_VOCAB_SIZE),
+        ("--max-sentences", max_sentences, 1, None),
+        ("--max-sentence-bytes", max_sentence_bytes, 16, MAX_SENTENCE_BYTES),
+        ("--character-coverage", character_coverage, *CHARACTER_COVERAGE_RANGE),
+        ("--seed", seed, 0, MAX_SEED),
+        ("--threads", num_threads, 1, MAX_THREADS),
+    ]
+    for flag, value, lo, hi in checks:
+        if value is None:
+            continue
+        if not (value >= lo and (hi is None or value <= hi)):   # also refuses NaN
+            span = f"at least {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise DataPrepError(f"{flag} {value} is out of range: it must be {span}")
+
+
+def _read_training_text(inputs, opts: ReadOptions, max_sentences: int, max_sentence_bytes: int,
+                        seed: int, quiet: bool):
+    """Step 1: the deterministic sample of training chunks; ``(sentences, counts, skips)``."""
+    skips = SkipCounter()
+    sources = discover(inputs, opts.input_format, skips)
+    progress = Progress(total_bytes=sum(s.size for s in sources), desc="tokenizer: reading",
+                        quiet=quiet)
+    try:
+        sentences, counts = _sample_sentences(sources, opts, skips, max_sentences,
+                                              max_sentence_bytes, seed, progress)
+    finally:
+        progress.close()
+    if not sentences:
+        raise DataPrepError(f"no text to train on in {', '.join(map(str, inputs))} "
+                            f"(skips: {skips.as_dict()})")
+    return sentences, counts, skips
+
+
+def _spm_settings(vocab_size, model_type, normalization, split_digits, character_coverage,
+                  max_sentence_bytes, soft_vocab_limit) -> Dict:
+    """Step 2: SentencePiece's trainer options (recorded in ``tokenizer.json``)."""
+    return dict(
+        vocab_size=vocab_size, model_type=model_type, normalization_rule_name=normalization,
+        byte_fallback=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, split_digits=split_digits,
+        character_coverage=character_coverage, max_sentence_length=max_sentence_bytes,
+        hard_vocab_limit=not soft_vocab_limit, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID,
+        eos_id=EOS_ID, pad_piece=SPECIAL_PIECES["pad"], unk_piece=SPECIAL_PIECES["unk"],
+        bos_piece=SPECIAL_PIECES["bos"], eos_piece=SPECIAL_PIECES["eos"],
+    )
+
+
+def _run_trainer(sentences: List[str], prefix: str, settings: Dict, threads: int, seed: int,
+                 counts: Dict, out: Path) -> None:
+    """Step 3: SentencePiece trains and writes ``prefix.{model,vocab}``; its errors become one line
+    in our terms."""
+    import sentencepiece as spm
+
+    spm.set_random_generator_seed(seed + 1)
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_prefix=prefix,
+                                       num_threads=threads, minloglevel=2, **settings)
+    except (RuntimeError, ValueError, TypeError) as e:
+        vocab_size, coverage = settings["vocab_size"], settings["character_coverage"]
+        m = _TOO_HIGH.search(str(e))
+        if m:
+            raise DataPrepError(
+                f"--vocab-size {vocab_size} is more than this corpus supports "
+                f"({counts['sentences_used']} training chunks give at most {m.group(2)} "
+                f"pieces): use --vocab-size {m.group(2)} or less, add text, or pass "
+                f"--soft-vocab-limit to accept fewer pieces") from None
+        m = _TOO_FEW_CHARS.search(str(e))
+        if m:
+            raise DataPrepError(
+                f"--vocab-size {vocab_size} is too small for this corpus: the characters that "
+                f"cover --character-coverage {coverage} of its text need {m.group(2)} pieces "
+                f"(specials included); use --vocab-size {m.group(2)} or more, or a lower "
+                f"--character-coverage (>= {CHARACTER_COVERAGE_RANGE[0]}: rarer characters then "
+                f"use byte pieces)") from None
+        _check_space(out, "the tokenizer")
+        raise DataPrepError(f"SentencePiece training failed: {spm_message(str(e))}") from None
+
+
+def _check_space(out: Path, what: str) -> None:
+    """Raise the "no space left" ``DataPrepError`` for ``out`` when its device is (nearly) full:
+    SentencePiece does not report failed writes, it leaves truncated files."""
+    try:
+        st = os.statvfs(out)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    if free < _NEARLY_FULL:
+        raise DataPrepError(f"no space left on the device holding {out} while writing {what} "
+                            f"({free} bytes free); free space or choose another --out, then rerun "
+                            f"the same command (nothing was written to {out})")
+
+
+_NEARLY_FULL = 64 << 10    # bytes; what a failed write leaves free is far less
+
+
+def _check_written(sp_module, prefix: str, out: Path):
+    """Step 4: the model SentencePiece wrote loads, has our special ids, and its vocab file lists
+    every piece (SentencePiece ignores write errors: on a full disk it leaves truncated files).
+    Returns the loaded processor."""
+    model, vocab = Path(prefix + ".model"), Path(prefix + ".vocab")
+    try:
+        sp = sp_module.SentencePieceProcessor(model_file=str(model))
+    except (RuntimeError, OSError) as e:
+        _check_space(out, "tokenizer.model")
+        raise DataPrepError(f"{out / 'tokenizer.model'}: SentencePiece wrote a model that does not "
+                            f"load ({spm_message(str(e))}); check the device holding {out} and "
+                            f"rerun the same command (nothing was written to {out})") from None
+    _check_ids(sp, out / "tokenizer.model")
+    want = sum(1 + sp.id_to_piece(i).count("\n") for i in range(sp.get_piece_size()))
+    data = vocab.read_bytes() if vocab.is_file() else b""
+    got = data.count(b"\n")
+    if got != want or not data.endswith(b"\n"):
+        _check_space(out, "tokenizer.vocab")
+        raise DataPrepError(f"{out / 'tokenizer.vocab'}: SentencePiece wrote {got} of {want} lines "
+                            f"(a truncated file); check the device holding {out} and rerun the "
+                            f"same command (nothing was written to {out})")
+    return sp
+
+
+TMP_PREFIX = ".tokenizer-tmp-"
+
+
+def remove_stale_temps(out: Path, prefix: str) -> None:
+    """Remove ``out/PREFIX<pid>-*`` directories whose process is gone (a killed run's temporaries;
+    a running one's are kept)."""
+    for d in out.glob(f"{prefix}*"):
+        pid = d.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _install(tmp: Path, out: Path, info: Dict) -> None:
+    """Step 6: ``tokenizer.json`` next to the model in ``tmp``, then all three renamed into ``out``
+    (``tokenizer.json`` last: it records the model's sha256)."""
+    try:
+        write_json_atomic(tmp / "tokenizer.json", info, indent=2)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DataPrepError(f"no space left on the device holding {out} while writing "
+                                f"{out / 'tokenizer.json'}; free space or choose another --out, "
+                                f"then rerun the same command (nothing was written to {out})"
+                                ) from None
+        raise
+    for name in ("tokenizer.model", "tokenizer.vocab", "tokenizer.json"):
+        os.replace(tmp / name, out / name)
 
 
 def train_tokenizer(inputs: Sequence[str], out_dir: os.PathLike, *, vocab_size: int = 32000,
@@ -133,95 +333,58 @@ def train_tokenizer(inputs: Sequence[str], out_dir: os.PathLike, *, vocab_size: 
         normalization: ``identity`` (lossless, default) or ``nfkc``.
         max_sentences: size of the deterministic reservoir sample of training chunks.
         max_sentence_bytes: training chunk limit in UTF-8 bytes (SentencePiece's sentence limit).
+        character_coverage: in [0.98, 1]; rarer characters use byte pieces.
         soft_vocab_limit: if the corpus cannot support ``vocab_size`` pieces, make fewer instead of
             failing (the real count is recorded as ``piece_count``).
         read_options: how documents are read (doc separator, JSONL key, --errors, ...).
+
+    All three files are written in a temporary directory inside ``out_dir``, checked (the model
+    loads, the vocab is complete) and then renamed into place, so a failure (a full disk) leaves
+    nothing half-written.
 
     Returns:
         The dict written to ``tokenizer.json`` (settings, ``piece_count``, ``sha256``, ids).
 
     Raises:
-        DataPrepError: bad settings, no usable text, or a vocabulary the corpus cannot support
-            (the message gives the largest size that works).
+        DataPrepError: bad settings, no usable text, a vocabulary the corpus cannot support
+            (the message gives the size that works), or a full disk (names the directory).
     """
     import sentencepiece as spm
 
     opts = read_options or ReadOptions()
     opts.validate()
-    if model_type not in MODEL_TYPES:
-        raise DataPrepError(f"--model-type {model_type!r}: choose one of {', '.join(MODEL_TYPES)}")
-    if normalization not in NORMALIZATIONS:
-        raise DataPrepError(f"--normalization {normalization!r}: choose one of "
-                            f"{', '.join(NORMALIZATIONS)}")
-    min_vocab = 4 + 256 + 1
-    if vocab_size < min_vocab:
-        raise DataPrepError(f"--vocab-size {vocab_size} is too small: the 4 special pieces and the "
-                            f"256 byte-fallback pieces need {min_vocab - 1}; use at least "
-                            f"{min_vocab} (1000+ for real text)")
-    if max_sentences < 1 or max_sentence_bytes < 16:
-        raise DataPrepError("--max-sentences must be >= 1 and --max-sentence-bytes >= 16")
+    check_tokenizer_settings(vocab_size, model_type, normalization, max_sentences,
+                             max_sentence_bytes, character_coverage, seed, num_threads)
     out = ensure_dir(out_dir)
-    skips = SkipCounter()
-    sources = discover(inputs, opts.input_format, skips)
-    progress = Progress(total_bytes=sum(s.size for s in sources), desc="tokenizer: reading",
-                        quiet=quiet)
-    try:
-        sentences, counts = _sample_sentences(sources, opts, skips, max_sentences,
-                                              max_sentence_bytes, seed, progress)
-    finally:
-        progress.close()
-    if not sentences:
-        raise DataPrepError(f"no text to train on in {', '.join(map(str, inputs))} "
-                            f"(skips: {skips.as_dict()})")
-
-    settings = dict(
-        vocab_size=vocab_size, model_type=model_type, normalization_rule_name=normalization,
-        byte_fallback=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, split_digits=split_digits,
-        character_coverage=character_coverage, max_sentence_length=max_sentence_bytes,
-        hard_vocab_limit=not soft_vocab_limit, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID,
-        eos_id=EOS_ID, pad_piece=SPECIAL_PIECES["pad"], unk_piece=SPECIAL_PIECES["unk"],
-        bos_piece=SPECIAL_PIECES["bos"], eos_piece=SPECIAL_PIECES["eos"],
-    )
+    sentences, counts, skips = _read_training_text(inputs, opts, max_sentences,
+                                                   max_sentence_bytes, seed, quiet)
+    settings = _spm_settings(vocab_size, model_type, normalization, split_digits,
+                             character_coverage, max_sentence_bytes, soft_vocab_limit)
     threads = num_threads or min(os.cpu_count() or 1, 16)
-    spm.set_random_generator_seed(seed + 1)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".tokenizer-tmp-") as tmp:
-        prefix = os.path.join(tmp, "tokenizer")
-        try:
-            spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_prefix=prefix,
-                                           num_threads=threads, minloglevel=2,
-                                           **settings)
-        except RuntimeError as e:
-            m = _TOO_HIGH.search(str(e))
-            if m:
-                raise DataPrepError(
-                    f"--vocab-size {vocab_size} is more than this corpus supports "
-                    f"({counts['sentences_used']} training chunks give at most {m.group(2)} "
-                    f"pieces): use --vocab-size {m.group(2)} or less, add text, or pass "
-                    f"--soft-vocab-limit to accept fewer pieces") from e
-            raise DataPrepError(f"SentencePiece training failed: {e}") from e
-        sp = spm.SentencePieceProcessor(model_file=prefix + ".model")
-        _check_ids(sp, prefix + ".model")
-        os.replace(prefix + ".model", out / "tokenizer.model")
-        os.replace(prefix + ".vocab", out / "tokenizer.vocab")
-    byte_ids = [i for i in range(sp.get_piece_size()) if sp.is_byte(i)]
-    info = {
-        "format_version": TOKENIZER_FORMAT_VERSION,
-        "model": "tokenizer.model",
-        "sha256": file_sha256(out / "tokenizer.model"),
-        "piece_count": int(sp.get_piece_size()),
-        "requested_vocab_size": vocab_size,
-        "pad_id": PAD_ID, "unk_id": UNK_ID, "bos_id": BOS_ID, "eos_id": EOS_ID,
-        "byte_fallback_ids": [min(byte_ids), max(byte_ids)] if byte_ids else None,
-        "settings": settings,
-        "sampling": {"max_sentences": max_sentences, "max_sentence_bytes": max_sentence_bytes,
-                     "seed": seed, **counts},
-        "read_options": _opts_dict(opts),
-        "inputs": [str(p) for p in inputs],
-        "skipped": skips.as_dict(),
-        "argv": argv,
-    }
-    write_json_atomic(out / "tokenizer.json", info, indent=2)
+    remove_stale_temps(out, TMP_PREFIX)
+    with tempfile.TemporaryDirectory(dir=out, prefix=f"{TMP_PREFIX}{os.getpid()}-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        prefix = str(tmp / "tokenizer")
+        _run_trainer(sentences, prefix, settings, threads, seed, counts, out)
+        sp = _check_written(spm, prefix, out)
+        byte_ids = [i for i in range(sp.get_piece_size()) if sp.is_byte(i)]
+        info = {
+            "format_version": TOKENIZER_FORMAT_VERSION,
+            "model": "tokenizer.model",
+            "sha256": file_sha256(tmp / "tokenizer.model"),
+            "piece_count": int(sp.get_piece_size()),
+            "requested_vocab_size": vocab_size,
+            "pad_id": PAD_ID, "unk_id": UNK_ID, "bos_id": BOS_ID, "eos_id": EOS_ID,
+            "byte_fallback_ids": [min(byte_ids), max(byte_ids)] if byte_ids else None,
+            "settings": settings,
+            "sampling": {"max_sentences": max_sentences, "max_sentence_bytes": max_sentence_bytes,
+                         "seed": seed, **counts},
+            "read_options": _opts_dict(opts),
+            "inputs": [str(p) for p in inputs],
+            "skipped": skips.as_dict(),
+            "argv": argv,
+        }
+        _install(tmp, out, info)
     info["skip_summary"] = skips.summary_lines()
     return info
 
@@ -271,9 +434,17 @@ def load_tokenizer(model_path: os.PathLike):
 
     p = model_file(model_path)
     check_utf8_name(p, "--tokenizer")
-    if not p.is_file():
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
         raise DataPrepError(f"tokenizer {str(model_path)!r} not found (train one with "
-                            f"`llp-prep tokenizer`, or give a SentencePiece .model file)")
+                            f"`llp-prep tokenizer`, or give a SentencePiece .model file)") from None
+    except OSError as e:   # a symbolic link loop, a permission
+        raise DataPrepError(f"tokenizer {str(model_path)!r} cannot be read ({e.strerror}); give a "
+                            f"SentencePiece .model file") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DataPrepError(f"tokenizer {str(model_path)!r} is not a regular file (a FIFO or device "
+                            f"is not read); give a SentencePiece .model file")
     try:
         sha = file_sha256(p)
         sp = spm.SentencePieceProcessor(model_file=str(p))

@@ -88,4 +88,4 @@ llp_with_resume() {
 llp_check_restarts() { llp_is_uint "$1" || llp_die "--max-restarts must be a non-negative integer, got '$1'"; }
 
 # The default torchrun: the module of the chosen Python, so it matches the training interpreter.
-llp_torchrun() { "$PYTHON" -m torch.distributed.run "$@"; }
+llp_torchrun() { "$PYTHON" -m llp_pretrain.torchrun "$@"; }

@@ -134,6 +134,6 @@ llp_is_uint "$NPROC" && [ "$NPROC" -ge 1 ] || llp_die "--nproc-per-node must be 
   --backend "$(llp_backend_for "$GPUS")" --launcher "multinode.sh node $NODE_RANK on $(hostname)" \
   -- "${TRAIN_ARGS[@]}" || exit 2
 
-exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC" \
+exec "$PYTHON" -m llp_pretrain.torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC" \
   --master-addr "$MASTER_ADDR_ARG" --master-port "$PORT" --no-python \
   "${TRAIN_CMD[@]}" --config "$CONFIG_ABS" "${TRAIN_ARGS[@]}"

@@ -83,5 +83,5 @@ if [ -n "$PORT" ]; then
 else
   RDZV=(--standalone)
 fi
-exec "$PYTHON" -m torch.distributed.run "${RDZV[@]}" --nnodes 1 --nproc-per-node "$NPROC" --max-restarts "$RESTARTS" --no-python \
+exec "$PYTHON" -m llp_pretrain.torchrun "${RDZV[@]}" --nnodes 1 --nproc-per-node "$NPROC" --max-restarts "$RESTARTS" --no-python \
   "${TRAIN_CMD[@]}" --config "$CONFIG" "${TRAIN_ARGS[@]}"

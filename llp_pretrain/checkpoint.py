@@ -119,6 +119,15 @@ def read_meta(tag_dir: Path) -> Dict[str, Any]:
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
         raise ValueError(f"{f}: expected a JSON object with an integer 'step'; this checkpoint is damaged, resume "
                          "from an earlier one")
+    for key, ok, want in (("zero_stage", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 3,
+                           "an integer 0-3"),
+                          ("skipped_steps", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                           "an integer >= 0"),
+                          ("model", lambda v: isinstance(v, dict), "an object (the model config)"),
+                          ("hashes", lambda v: isinstance(v, dict), "an object")):
+        if key in meta and not ok(meta[key]):
+            raise ValueError(f"{f}: {key} is {json.dumps(meta[key])[:60]}, expected {want}; this checkpoint is "
+                             "damaged, resume from an earlier one")
     return meta
 
 

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -45,31 +46,23 @@ def _version() -> str:
     return f"llp-pretrain {v('llp-pretrain')} (torch {v('torch')}, deepspeed {v('deepspeed')})"
 
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
+def _at_least(kind: type, low, high=None):
+    """argparse ``type=``: a value of ``kind`` (``int`` or ``float``; a float must be finite) that is
+    ``>= low`` (and ``<= high`` when given); anything else is refused with a message naming the value."""
+    what = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
-        return value
-
-    parse.__name__ = f"integer >= {low}"
-    return parse
-
-
-def _float_at_least(low: float):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not value >= low or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"{text} must be a finite number >= {low}")
+            raise argparse.ArgumentTypeError(f"{text} must be {'a finite number ' if kind is float else ''}>= {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text} must be <= {high}")
         return value
 
-    parse.__name__ = f"number >= {low}"
+    parse.__name__ = f"{'integer' if kind is int else 'number'} >= {low}"
     return parse
 
 
@@ -100,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="run YAML to check")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, as for train (repeatable)")
-    p.add_argument("--world-size", type=_int_at_least(1), default=None, metavar="N",
+    p.add_argument("--world-size", type=_at_least(int, 1), default=None, metavar="N",
                    help="number of processes to check the layout for (default: $WORLD_SIZE, else 1)")
 
     p = add("eval", "strided sliding-window perplexity of a checkpoint on a split")
@@ -108,24 +101,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset directory (manifest.json + shards) or URL prefix "
                    "(http(s)://..., file://..., pipe:CMD with {name}; see docs/training.md)")
     p.add_argument("--split", default="val", choices=["val", "train"], help="split written by `llp-prep shard`")
-    p.add_argument("--stride", type=_int_at_least(1), default=None, metavar="TOKENS",
+    p.add_argument("--stride", type=_at_least(int, 1), default=None, metavar="TOKENS",
                    help="window advance in tokens (default: the model's trained positions per window / 2)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=8, metavar="N", help="windows per forward pass")
-    p.add_argument("--max-samples", type=_int_at_least(1), default=None, metavar="N",
+    p.add_argument("--batch-size", type=_at_least(int, 1), default=8, metavar="N", help="windows per forward pass")
+    p.add_argument("--max-samples", type=_at_least(int, 1), default=None, metavar="N",
                    help="use only the first N samples of the split (default: all)")
     p.add_argument("--json", action="store_true", help="print only the result, as one JSON object")
 
     p = add("generate", "sample text from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir, tag dir or exported dir")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=_int_at_least(0), default=100, metavar="N", help="tokens to generate")
-    p.add_argument("--temperature", type=_float_at_least(0.0), default=0.8,
+    p.add_argument("--max-new-tokens", type=_at_least(int, 0), default=100, metavar="N", help="tokens to generate")
+    p.add_argument("--temperature", type=_at_least(float, 0.0), default=0.8,
                    help="sampling temperature; 0 = greedy")
-    p.add_argument("--top-k", type=_int_at_least(1), default=None, metavar="K",
+    p.add_argument("--top-k", type=_at_least(int, 1), default=None, metavar="K",
                    help="sample from the K most likely tokens (default: all)")
     p.add_argument("--top-p", type=float, default=None, metavar="P",
                    help="nucleus sampling mass in (0, 1] (default: off)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed for a reproducible sample (default: random)")
+    p.add_argument("--seed", type=_at_least(int, 0, 2**63 - 1), default=None,
+                   help="sampling seed for a reproducible sample (default: random)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.model file (default: the one saved with the run or the export)")
 
@@ -141,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("quickstart", "tokenizer + shards + training + eval + sample on the bundled corpus")
     p.add_argument("--out", default="runs/quickstart", help="directory for data/ and run/")
-    p.add_argument("--steps", type=_int_at_least(1), default=None, metavar="N",
+    p.add_argument("--steps", type=_at_least(int, 1), default=None, metavar="N",
                    help="train exactly N steps (smoke tests) (default: the fixed quickstart plan: the "
                    "same steps, so the same result, on every machine)")
 
@@ -149,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="compare YAML (e.g. configs/compare/kjv_tiny.yaml)")
     p.add_argument("--variants", default=None, help="comma-separated subset, e.g. llp,perceiver_ar,gpt "
                    "(default: the YAML's list)")
-    p.add_argument("--steps", type=_int_at_least(1), default=None, metavar="N",
+    p.add_argument("--steps", type=_at_least(int, 1), default=None, metavar="N",
                    help="training steps per variant (default: the YAML's)")
     p.add_argument("--out", default=None, help="run directory (default: the YAML's run.output_dir)")
     return ap
@@ -386,6 +380,19 @@ def _os_error_line(e: OSError) -> str:
     return f"{line}; {hint}" if hint else line
 
 
+def _out_of_memory_line(e: BaseException) -> Optional[str]:
+    """One line for an allocation that failed (host or accelerator memory), None for other errors."""
+    text = str(e).strip()
+    oom = isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or \
+        "can't allocate memory" in text or "out of memory" in text.lower()
+    if not oom:
+        return None
+    m = re.search(r"tried to allocate ([0-9.]+ ?[A-Za-z]*)", text)
+    what = f" (an allocation of {m.group(1)} failed)" if m else ""
+    return (f"out of memory{what}; make the model smaller (model.d_model, model.n_layers), lower "
+            "train.micro_batch_size or model.seq_len, or spread it over more processes (ZeRO-3)")
+
+
 def _cmd_harness(args) -> int:
     from llp_pretrain.hf.harness import main as harness_main
 
@@ -425,12 +432,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as e:  # a full disk, an I/O error: not the user's input, but no traceback either
         print(f"llp-pretrain {args.command}: error: {_os_error_line(e)}", file=sys.stderr)
         return 1
+    except MemoryError as e:
+        print(f"llp-pretrain {args.command}: error: {_out_of_memory_line(e)}", file=sys.stderr)
+        return 1
     except RuntimeError as e:
         from llp_pretrain.engine import DistributedInitError
+        from llp_pretrain.training.distributed import peer_failure_line
 
-        if not isinstance(e, DistributedInitError):
+        line = str(e) if isinstance(e, DistributedInitError) else peer_failure_line(e) or _out_of_memory_line(e)
+        if line is None:
             raise
-        print(f"llp-pretrain {args.command}: error: {e}", file=sys.stderr)
+        print(f"llp-pretrain {args.command}: error: {line}", file=sys.stderr)
         return 1
 
 

@@ -11,10 +11,12 @@ anything is written; files are written under temporary names and renamed.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -82,10 +84,18 @@ def _shape_problems(state: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]
 
 
 def _check_shapes(state: Dict[str, torch.Tensor], model_cfg: Dict, where) -> None:
+    from pydantic import ValidationError
+
     from llp_pretrain.models import build_model
 
-    with torch.device("meta"):
-        ref = build_model(model_cfg).state_dict()
+    try:
+        with torch.device("meta"):
+            ref = build_model(model_cfg).state_dict()
+    except (ValidationError, TypeError) as e:
+        first = [f"{'.'.join(map(str, x['loc'])) or 'model'}: {x['msg']}" for x in e.errors()][:3] \
+            if isinstance(e, ValidationError) else [str(e)]
+        raise ValueError(f"{where}: the recorded model config is invalid ({'; '.join(first)}); this checkpoint is "
+                         "damaged, use another one") from None
     problems = _shape_problems(state, ref)
     if problems:
         raise ValueError(f"{where}: weights do not match the model config: {problems}")
@@ -128,10 +138,13 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     ``OUT/hashes.json`` (the tokenizer/dataset sha256 the run recorded) and, when the run has one,
     ``OUT/tokenizer.model``, with the usual permissions (``0666 & ~umask``). Returns ``OUT``.
 
-    Raises ``FileExistsError`` when ``OUT`` is an existing file, lies under one or is not writable
-    (before any work)."""
-    from safetensors.torch import save_file
+    All files are written into a temporary directory inside ``OUT`` and renamed into place only
+    when every one is complete (``model_config.json`` last), so a failure (a full disk) leaves no
+    half-written export and an earlier export in ``OUT`` as it was; an ``OUT`` this call created is
+    removed again.
 
+    Raises ``FileExistsError`` when ``OUT`` is an existing file, lies under one or is not writable
+    (before any work); ``OSError(ENOSPC)`` with a one-line message on a full disk."""
     from llp_pretrain.config import output_dir_problem
 
     out = Path(out)
@@ -139,27 +152,67 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     if why:
         raise FileExistsError(f"export OUT: {why}")
     state, model_cfg, tag_dir = load_checkpoint_weights(path)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    tmp = out / f".{WEIGHTS}.tmp"
-    try:
-        save_file(tensors, str(tmp), metadata={"source": str(tag_dir), "format": "pt"})
-    except Exception as e:  # safetensors reports a full disk as its own error type
-        tmp.unlink(missing_ok=True)
-        if "No space left" in str(e) or "os error 28" in str(e):
-            raise OSError(errno.ENOSPC, f"no space left on the device holding {out} while writing {WEIGHTS}; "
-                          "free space or choose another OUT, then rerun the export") from None
-        raise
-    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its file 0600
-    os.replace(tmp, out / WEIGHTS)
-    ckpt.write_json_atomic(out / MODEL_CONFIG, model_cfg)
     hashes = ckpt.read_meta(tag_dir).get("hashes") or {}
-    ckpt.write_json_atomic(out / HASHES, {k: v for k, v in hashes.items() if isinstance(v, str)})
-    tok = find_tokenizer(tag_dir)
-    if tok is not None:
-        shutil.copyfile(tok, out / ".tokenizer.model.tmp")
-        os.replace(out / ".tokenizer.model.tmp", out / "tokenizer.model")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = None
+    try:
+        from data_prep.tokenizer import remove_stale_temps
+
+        remove_stale_temps(out, ".export-tmp-")   # what a killed export left
+        stage = Path(tempfile.mkdtemp(prefix=f".export-tmp-{os.getpid()}-", dir=out))
+        names = _write_export(stage, out, tensors, model_cfg, hashes, find_tokenizer(tag_dir), tag_dir)
+        for name in names:  # renames need no space; model_config.json (what readers look for) last
+            os.replace(stage / name, out / name)
+    except BaseException:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    stage.rmdir()
     return out
+
+
+def _write_export(stage: Path, out: Path, tensors: Dict[str, torch.Tensor], model_cfg: Dict, hashes: Dict,
+                  tok, tag_dir: Path) -> list:
+    """Write the export's files into ``stage``; returns their names in rename order. A full disk
+    becomes one ``OSError(ENOSPC)`` naming ``out`` and the file."""
+    from safetensors.torch import save_file
+
+    name = WEIGHTS
+    try:
+        save_file(tensors, str(stage / WEIGHTS), metadata={"source": str(tag_dir), "format": "pt"})
+        os.chmod(stage / WEIGHTS, 0o666 & ~_umask())  # safetensors creates its file 0600
+        names = [WEIGHTS, HASHES]
+        name = HASHES
+        ckpt.write_json_atomic(stage / HASHES, {k: v for k, v in hashes.items() if isinstance(v, str)})
+        if tok is not None:
+            name = "tokenizer.model"
+            shutil.copyfile(tok, stage / name)
+            names.append(name)
+        name = MODEL_CONFIG
+        ckpt.write_json_atomic(stage / MODEL_CONFIG, model_cfg)
+    except Exception as e:
+        full = disk_full_error(e, out, name)
+        if full is not None:
+            raise full from None
+        raise
+    return names + [MODEL_CONFIG]
+
+
+def disk_full_error(e: BaseException, out: Path, name: str):
+    """The one-line ``OSError(ENOSPC)`` for an export into ``out`` that ran out of space while writing
+    ``name`` (``e``: an ``OSError`` ENOSPC/EDQUOT, or safetensors' own error for it); None for any
+    other error."""
+    full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+        "No space left" in str(e) or "os error 28" in str(e)
+    if not full:
+        return None
+    return OSError(errno.ENOSPC, f"no space left on the device holding {out} while writing {name}; free space or "
+                                 f"choose another OUT, then rerun the export (nothing was written to {out})")
 
 
 def load_exported_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:

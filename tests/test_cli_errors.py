@@ -249,6 +249,97 @@ def test_generate_tokenizer_must_be_a_sentencepiece_model(tmp_path, tiny, capsys
                     str(tok), needle)
 
 
+def _can_mount_tmpfs() -> bool:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    import tempfile
+
+    d = tempfile.mkdtemp()
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", d], capture_output=True).returncode == 0
+    if ok:
+        subprocess.run(["umount", d], check=True)
+    os.rmdir(d)
+    return ok
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs root to mount a small tmpfs (a real full file system)")
+@pytest.mark.parametrize("fills_at", ["weights", "after-weights", "over-an-earlier-export"])
+def test_export_on_a_full_disk_leaves_nothing_half_written(tmp_path, tiny, capsys, fills_at):
+    """A full disk during `export` (it was a safetensors traceback, then an empty OUT, and a failure
+    after the weights left new weights next to an earlier export's config): one line naming OUT,
+    exit 1, no OUT created, an earlier export unchanged, no temporary left; with space freed the
+    same command works."""
+    ref = tmp_path / "ref"
+    assert cli_main(["export", str(tiny / "run"), str(ref)]) == 0
+    weight_pages = -(-(ref / "model.safetensors").stat().st_size // 4096)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={weight_pages * 4096 + (256 << 10)}", "tmpfs", str(disk)],
+                   check=True)
+    try:
+        out = disk / "exp"
+        before = None
+        if fills_at == "over-an-earlier-export":
+            assert cli_main(["export", str(tiny / "run"), str(out)]) == 0
+            (out / "model_config.json").write_text('{"earlier": true}')   # tell the earlier export apart
+            (out / "model.safetensors").write_bytes(b"earlier weights")
+            before = {p.name: p.read_bytes() for p in out.iterdir()}
+        st = os.statvfs(disk)
+        free = 0 if fills_at == "weights" else weight_pages * 4096
+        (disk / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - free))
+        capsys.readouterr()
+        _main_error(capsys, ["export", tiny / "run", out], "no space left on the device holding", str(out), rc=1)
+        if before is None:
+            assert not out.exists()
+        else:
+            assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        (disk / "filler").unlink()
+        assert cli_main(["export", str(tiny / "run"), str(out)]) == 0
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+        from safetensors.torch import load_file
+
+        got, want = (load_file(str(d / "model.safetensors")) for d in (out, ref))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+        del got, want   # they map the files: the tmpfs could not be unmounted
+    finally:
+        if subprocess.run(["umount", str(disk)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(disk)], check=True)   # busy: detach it anyway
+
+
+@pytest.mark.parametrize("key, value, named", [("zero_stage", "abc", 'zero_stage is "abc"'),
+                                                ("model", "x", 'model is "x"'),
+                                                ("model.d_model", "big", "d_model: Input should be a valid integer")])
+def test_damaged_run_meta_fields_are_named(tmp_path, tiny, capsys, key, value, named):
+    """run_meta.json with a wrong type gave "invalid literal for int()" or pydantic's multi-line text."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny / "run", run)
+    meta_file = next(run.glob("checkpoints/step*/run_meta.json"))
+    meta = json.loads(meta_file.read_text())
+    if key.startswith("model."):
+        meta["model"][key.split(".", 1)[1]] = value
+    else:
+        meta[key] = value
+    meta_file.write_text(json.dumps(meta))
+    line = _main_error(capsys, ["export", run, tmp_path / "exp"], named, "damaged")
+    assert str(meta_file.parent) in line and len(line.splitlines()) == 1
+
+
+def test_a_model_too_large_for_memory_is_one_line(tmp_path, tiny):
+    """d_model 1e9 passes the config checks and then could not be allocated: it was a DefaultCPUAllocator
+    traceback."""
+    raw = tiny_run_config(tiny / "ds", tmp_path / "run", deepspeed=ZERO0,
+                          model={"d_model": 1_000_000_000, "n_heads": 2})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    p = _cli("train", "--config", tmp_path / "c.yaml", timeout=300)
+    _one_line_error(p, "out of memory", "model.d_model", rc=1)
+
+
+def test_generate_seed_out_of_range_is_refused(capsys):
+    """--seed 1e23 was "Overflow when unpacking long long" (no option named)."""
+    _main_error(capsys, ["generate", "--checkpoint", "x", "--prompt", "y", "--seed", str(10 ** 23)],
+                "argument --seed", "must be <= 9223372036854775807")
+
+
 def test_export_refuses_an_existing_file_and_writes_normal_permissions(tmp_path, tiny, capsys):
     target = tmp_path / "model.bin"
     target.write_text("precious")

@@ -296,25 +296,40 @@ def test_train_fails_with_one_line_and_skip_trains_on(tmp_path):
     last = p.stderr.strip().splitlines()[-1]
     _one_line(last, f"shard train-000003.tar sample {key}", "checksum")
 
+    # skip, with 2 loader workers each meeting a bad sample (shards 0 and 3 go to different workers)
+    flip_in_vocab(ds / "train-000000.tar", _keys_of(ds / "train-000000.tar")[4])
     p = subprocess.run([sys.executable, "-m", "llp_pretrain.cli", "train", "--config", str(cfg),
-                        "--set", "data.on_corrupt=skip", "--set", f"run.output_dir={tmp_path / 'run_skip'}"],
+                        "--set", "data.on_corrupt=skip", "--set", "data.num_workers=2",
+                        "--set", f"run.output_dir={tmp_path / 'run_skip'}"],
                        capture_output=True, text=True, timeout=240, env=_env(), cwd=REPO)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"shard train-000003.tar sample {key}: tokens differ from the checksum" in p.stderr
-    assert "skipped (data.on_corrupt=skip)" in p.stderr
+    warned = p.stderr.count("skipped (data.on_corrupt=skip)")
+    assert warned >= 2
+    # the count also reaches TensorBoard (it was on stderr only): every log step, summed over workers
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp_path / "run_skip" / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    counts = [e.value for e in ea.Scalars("data/skipped_samples")]
+    assert len(counts) == 14 and counts == sorted(counts), counts
+    assert 2 <= counts[-1] <= warned, (counts, warned)   # workers read ahead of the last step
+    assert f"skipped samples {int(counts[-1])}" in p.stdout + p.stderr
 
 
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_corrupt_shard_on_one_rank_ends_both_ranks_promptly(tmp_path):
-    """torchrun, 2 gloo processes: only rank 1 reads the damaged shard (shards go to rank i % 2)."""
+    """torchrun (the launchers' llp_pretrain.torchrun), 2 gloo processes: only rank 1 reads the damaged shard
+    (shards go to rank i % 2)."""
     ds = _dataset(tmp_path / "ds")
     key = _keys_of(ds / "train-000001.tar")[0]
     set_token(ds / "train-000001.tar", key, 65000)
     cfg = _write_cfg(tmp_path, ds)
     log = tmp_path / "torchrun.log"
     with open(log, "w") as f:
-        p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        p = subprocess.Popen([sys.executable, "-m", "llp_pretrain.torchrun", "--standalone", "--nproc-per-node", "2",
+                              "--log-dir", str(tmp_path / "ranks"), "--redirects", "3", "--tee", "3",
                               "-m", "llp_pretrain.cli", "train", "--config", str(cfg)],
                              stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=REPO, start_new_session=True)
         try:
@@ -327,3 +342,13 @@ def test_corrupt_shard_on_one_rank_ends_both_ranks_promptly(tmp_path):
     assert rc != 0, out[-3000:]
     assert f"shard train-000001.tar sample {key}: token id 65000 >= vocabulary size {VOCAB}" in out, out[-3000:]
     assert "DataLoader worker" not in out, out[-3000:]
+    # every rank ends with one line and no traceback: rank 1 names the sample, rank 0 (whose collective lost
+    # its peer: a gloo traceback before) says that another process failed
+    for rank, needle in ((1, f"shard train-000001.tar sample {key}"), (0, "another process of this job failed")):
+        err = next((tmp_path / "ranks").glob(f"**/attempt_0/{rank}/stderr.log")).read_text()
+        assert "Traceback" not in err, err[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("llp-pretrain train: error:") and needle in last, (rank, last)
+    # and the launchers' torchrun (llp_pretrain.torchrun) ends with one line, not ChildFailedError's traceback
+    assert "Traceback" not in out, out[-3000:]
+    assert "torchrun: error: llp_pretrain.cli: rank 1 failed first (exit code 2)" in out, out[-3000:]

@@ -21,6 +21,7 @@ from data_prep.cli import build_parser
 from data_prep.cli import main as cli_main
 from data_prep.errors import SkipCounter
 from data_prep.inputs import discover, iter_documents
+from data_prep.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = "".join(f"Document {i} says hello to the world, number {i * 7}.\n\n" for i in range(400))
@@ -193,6 +194,82 @@ def test_out_is_a_file_or_not_writable(tmp_path, tok):
     one_error_line(r, str(ro), "permission denied")
 
 
+@pytest.mark.parametrize("content", ["", "\n\n  \n", "hi\n"])
+def test_shard_refuses_input_without_a_train_sample(tmp_path, tok, content):
+    """An empty, blank or too short input wrote a 0-sample dataset with exit 0; now one line names
+    the file, nothing is left in --out, and the same --out then takes real text."""
+    bad = tmp_path / "empty.txt"
+    bad.write_text(content)
+    out = tmp_path / "ds"
+    r = run_prep(["shard", "--input", bad, "--tokenizer", tok, "--out", out, "--seq-len", "32",
+                  "-q"])
+    one_error_line(r, "no train samples", str(bad), "seq_len + 1 = 33")
+    assert sorted(p.name for p in out.iterdir()) == []
+    good = tmp_path / "good.txt"
+    good.write_text(TEXT)
+    r = run_prep(["shard", "--input", good, "--tokenizer", tok, "--out", out, "--seq-len", "32",
+                  "--doc-sep", "blank-line", "-q"])
+    assert r.returncode == 0, r.stderr
+
+
+def test_merge_refuses_parts_without_a_train_sample(tmp_path, tok):
+    (tmp_path / "in").mkdir()
+    for i in range(2):
+        (tmp_path / "in" / f"{i}.txt").write_text("tiny\n")
+    out = tmp_path / "ds"
+    for i in range(2):
+        r = run_prep(["shard", "--input", tmp_path / "in", "--tokenizer", tok, "--out", out,
+                      "--seq-len", "32", "--num-tasks", "2", "--task-index", str(i), "-q"])
+        assert r.returncode == 0, r.stderr
+    r = run_prep(["merge", out])
+    one_error_line(r, "no train sample", str(out))
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.tar"))
+
+
+def test_tokenizer_path_loop_fifo_and_input_loop_are_one_line(tmp_path, tok, capsys):
+    """A --tokenizer symlink loop was a pathlib RuntimeError traceback, a FIFO "not found"; an input
+    symlink loop advised fixing permissions."""
+    (tmp_path / "c.txt").write_text(TEXT)
+    (tmp_path / "la").symlink_to(tmp_path / "lb")
+    (tmp_path / "lb").symlink_to(tmp_path / "la")
+    os.mkfifo(tmp_path / "fifo")
+    base = ["shard", "--input", str(tmp_path / "c.txt"), "--out", str(tmp_path / "ds"), "--seq-len", "32"]
+    for t, needle in ((tmp_path / "la", "symbolic links"), (tmp_path / "fifo", "is not a regular file")):
+        assert cli_main([*base, "--tokenizer", str(t)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and str(t) in err and len(err.strip().splitlines()) == 1, err
+    assert cli_main(["tokenizer", "--input", str(tmp_path / "la"), "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert "symbolic link loop" in err and "permissions" not in err, err
+
+
+@pytest.mark.parametrize("flag, value", [("--seq-len", "1000000000000"), ("--workers", "100000")])
+def test_huge_shard_values_are_refused_up_front(tmp_path, tok, capsys, flag, value):
+    """--seq-len 1e12 was a numpy MemoryError traceback; --workers 100000 started processes until
+    killed."""
+    (tmp_path / "c.txt").write_text(TEXT)
+    args = {"--seq-len": "32", "--workers": "0", flag: value}
+    assert cli_main(["shard", "--input", str(tmp_path / "c.txt"), "--tokenizer", str(tok), "--out",
+                     str(tmp_path / "ds"), *[x for kv in args.items() for x in kv]]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} must be in [" in err and value in err and len(err.strip().splitlines()) == 1
+
+
+def test_tokenizer_rerun_removes_a_killed_runs_temporary_directory(tmp_path, corpus_mb):
+    """SIGKILL during training left OUT/.tokenizer-tmp-* behind for good; the next run removes those
+    of processes that are gone and keeps a running one's."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "tok"
+    (out / f".tokenizer-tmp-{dead.pid}-x1" / "sub").mkdir(parents=True)
+    (out / f".tokenizer-tmp-{os.getpid()}-x2").mkdir()
+    r = run_prep(["tokenizer", "--input", corpus_mb, "--out", out, "--vocab-size", "300",
+                  "--soft-vocab-limit", "-q"])
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == [f".tokenizer-tmp-{os.getpid()}-x2", "tokenizer.json",
+                                                     "tokenizer.model", "tokenizer.vocab"]
+
+
 # ----------------------------------------------------------------------------- full disk
 def _can_mount() -> bool:
     if os.geteuid() != 0 or not shutil.which("mount"):
@@ -254,15 +331,19 @@ def corpus_mb(tmp_path):
     return c
 
 
-def test_full_disk_while_writing_shards_then_rerun(tmp_path, tok, corpus_mb):
-    disk = SmallDisk(tmp_path / "disk", 96 * 1024)
+@pytest.mark.parametrize("size, per_shard", [(96 << 10, 200), (3 << 20, 1000)])
+def test_full_disk_while_writing_shards_then_rerun(tmp_path, tok, corpus_mb, size, per_shard):
+    disk = SmallDisk(tmp_path / "disk", size)
     try:
         out = disk.path / "ds"
         args = ["shard", "--input", corpus_mb, "--tokenizer", tok, "--out", out, "--seq-len", "32",
-                "--samples-per-shard", "200", "--val-fraction", "0.05", "--doc-sep", "blank-line",
-                "-q"]
+                "--samples-per-shard", per_shard, "--val-fraction", "0.05", "--doc-sep",
+                "blank-line", "-q"]
         r = disk.run(args)
-        one_error_line(r, disk.message, "rerun the same command")
+        # names the shard being written (it said "the device holding ?": closing the partial
+        # file raised a second, nameless error)
+        line = one_error_line(r, disk.message, "rerun the same command", str(out / "train-"))
+        assert "?" not in line, line
         assert leftovers(disk.path) == [] and not (out / "manifest.json").exists()
         disk.grow(16 << 20)
         r = disk.run(args)
@@ -320,6 +401,80 @@ def test_full_disk_while_writing_the_tokenizer_then_rerun(tmp_path, corpus_mb):
         disk.close()
 
 
+def _pages(path: Path) -> int:
+    return -(-path.stat().st_size // 4096)
+
+
+@pytest.mark.skipif(not CAN_MOUNT, reason="needs a real small file system (root may mount tmpfs)")
+@pytest.mark.parametrize("fails_at", ["model", "vocab-empty", "vocab-truncated", "json"])
+def test_full_disk_at_each_tokenizer_file_leaves_nothing_half_written(tmp_path, fails_at):
+    """SentencePiece ignores failed writes (it left a truncated tokenizer.vocab, or a model that did
+    not parse: a traceback). Whichever file the disk fills at: one line naming --out, no
+    tokenizer file and no temporary left in it; with space freed the same command works."""
+    import gzip
+
+    corpus = tmp_path / "kjv.txt"       # real text: a 512-piece vocab file spans 2 pages
+    with gzip.open(REPO / "data_prep" / "data" / "kjv.txt.gz", "rt", encoding="utf-8") as f:
+        corpus.write_text("".join(f.readline() for _ in range(3000)), encoding="utf-8")
+    args = ["tokenizer", "--input", corpus, "--vocab-size", "512", "-q"]
+    ref = tmp_path / "ref"
+    assert cli_main([*map(str, args), "--out", str(ref)]) == 0
+    model, vocab = _pages(ref / "tokenizer.model"), _pages(ref / "tokenizer.vocab")
+    assert vocab >= 2     # so that "vocab-truncated" cuts it inside
+    free = {"model": 0, "vocab-empty": model, "vocab-truncated": model + 1,
+            "json": model + vocab}[fails_at]
+    disk = SmallDisk(tmp_path / "disk", 4 << 20)
+    try:
+        out = disk.path / "tok"
+        out.mkdir()
+        disk.fill_to(free * 4096)
+        r = disk.run([*args, "--out", out])
+        one_error_line(r, "no space left on the device holding", str(out), "rerun")
+        assert sorted(p.name for p in out.iterdir()) == []
+        (disk.path / "filler").unlink()
+        r = disk.run([*args, "--out", out])
+        assert r.returncode == 0, r.stderr
+        # (the model records its temporary path, so compare the pieces, not the bytes)
+        assert (out / "tokenizer.vocab").read_bytes() == (ref / "tokenizer.vocab").read_bytes()
+        pieces = [[sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+                  for sp in (load_tokenizer(d)[0] for d in (out, ref))]
+        assert pieces[0] == pieces[1]
+        assert json.loads((out / "tokenizer.json").read_text())["piece_count"] == 512
+    finally:
+        disk.close()
+
+
+@pytest.mark.parametrize("flag, value, named", [
+    ("--character-coverage", "0.5", "[0.98, 1.0]"), ("--character-coverage", "nan", "nan"),
+    ("--threads", "0", "--threads 0"), ("--threads", "100000", "--threads 100000"),
+    ("--max-sentence-bytes", "100000000000", "--max-sentence-bytes"),
+    ("--vocab-size", "3000000000", "--vocab-size 3000000000"), ("--seed", "-1", "--seed -1"),
+    ("--seed", "99999999999999", "--seed 99999999999999")])
+def test_tokenizer_options_out_of_sentencepiece_range(tmp_path, corpus_mb, flag, value, named):
+    """Values SentencePiece's trainer refuses (its own text, or a traceback for an int overflow)
+    are refused first, in our option names."""
+    r = run_prep(["tokenizer", "--input", corpus_mb, "--out", tmp_path / "t", "--vocab-size",
+                  "400", flag, value, "-q"])
+    line = one_error_line(r, named)
+    assert "_" not in line.split("error: ", 1)[1].replace(str(tmp_path), ""), line
+
+
+def test_sentencepiece_messages_use_our_option_names(tmp_path):
+    """A vocabulary smaller than the corpus's characters need: SentencePiece says "decrease
+    character_coverage with --character_coverage option"; we say --character-coverage and how
+    large --vocab-size must be."""
+    corpus = tmp_path / "cjk.txt"     # 400 distinct characters, each frequent
+    corpus.write_text("".join(chr(0x4E00 + i) * 5 + "\n" for i in range(400)) * 3, encoding="utf-8")
+    r = run_prep(["tokenizer", "--input", corpus, "--out", tmp_path / "t", "--vocab-size", "300",
+                  "-q"])
+    line = one_error_line(r, "--vocab-size 300 is too small", "--character-coverage")
+    assert "character_coverage" not in line and "vocab_size" not in line, line
+    from data_prep.tokenizer import spm_message
+    assert spm_message("Increase vocab_size or decrease character_coverage with "
+                       "--character_coverage option.") == \
+        "Increase --vocab-size or decrease --character-coverage."
+
+
 # ----------------------------------------------------------------------------- manifests
 @pytest.fixture(scope="module")
 def small_ds(tmp_path_factory, tok):
@@ -355,6 +510,23 @@ def test_verify_and_stats_on_a_manifest_with_wrong_types(small_ds, tmp_path, pat
         r = run_prep([cmd, ds])
         line = one_error_line(r, named, "rebuild the dataset")
         assert str(ds / "manifest.json") in line
+
+
+@pytest.mark.parametrize("make, named", [
+    (lambda p: p.write_text("[1, 2]"), "the top level is a JSON list, not an object"),
+    (lambda p: p.write_text("{}"), "no format_version: not a manifest written by llp-prep"),
+    (lambda p: p.mkdir(), "is not a regular file"),
+    (lambda p: os.mkfifo(p), "is not a regular file"),      # never opened: it would block
+])
+def test_verify_and_stats_on_a_manifest_that_is_no_manifest(tmp_path, capsys, make, named):
+    """These said "format_version None is not 1" or "not found" (it exists)."""
+    d = tmp_path / "ds"
+    d.mkdir()
+    make(d / "manifest.json")
+    for cmd in ("verify", "stats"):
+        assert cli_main([cmd, str(d)]) == 2
+        err = capsys.readouterr().err
+        assert named in err and str(d / "manifest.json") in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_verify_on_a_good_dataset_still_passes(small_ds):

@@ -185,10 +185,11 @@ def test_empty_documents_never_make_samples(env, tmp_path):
     assert m["totals"]["train"]["documents"] == 1
     samples, _ = read_split(tmp_path / "ds", m, "train")
     assert [a.tolist() for _, a, _ in samples] == [sp.encode("a") + [3]]
-    m = build_shards([str(d)], env["model"], tmp_path / "ds2", seq_len=8, val_fraction=0.0)
-    assert m["totals"]["train"]["samples"] == 0 and m["shards"] == []
-    assert m["totals"]["train"]["dropped_tail_tokens"] == len(sp.encode("a")) + 1
-    assert verify_dataset(tmp_path / "ds2")["ok"]
+    # too few tokens for one sample: refused (it used to write a 0-sample dataset, exit 0)
+    with pytest.raises(DataPrepError, match="no train samples") as e:
+        build_shards([str(d)], env["model"], tmp_path / "ds2", seq_len=8, val_fraction=0.0)
+    assert "empty_documents 3" in str(e.value)
+    assert list((tmp_path / "ds2").iterdir()) == []
 
 
 def test_different_dataset_refused_unless_overwrite(env, tmp_path):
@@ -300,8 +301,8 @@ def test_out_inside_input_dir_is_refused_and_empty_val_warned(env, tmp_path, cap
         build_shards([str(env["corpus"])], env["model"], env["corpus"] / "shards", seq_len=64)
     assert not (env["corpus"] / "shards").exists()
     f = tmp_path / "small.txt"
-    f.write_text("one\n\ntwo\n\nthree\n", encoding="utf-8")
-    m = build_shards([str(f)], env["model"], tmp_path / "ds", seq_len=64, val_fraction=0.5,
+    f.write_text("".join(f"paragraph {i} of some text\n\n" for i in range(60)), encoding="utf-8")
+    m = build_shards([str(f)], env["model"], tmp_path / "ds", seq_len=64, val_fraction=1e-9,
                      read_options=BLANK)
     assert m["totals"]["val"]["samples"] == 0
     assert "val split is empty" in capsys.readouterr().err

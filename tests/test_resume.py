@@ -214,7 +214,7 @@ def test_exported_weights_that_are_not_safetensors_are_refused(tmp_path):
 def test_training_reads_manifests_with_the_checked_reader(tmp_path):
     from llp_pretrain.config import read_manifest
 
-    for text, key in (("[1, 2]", "format_version"), ('{"format_version": 1, "seq_len": "32"}', "seq_len")):
+    for text, key in (("[1, 2]", "not an object"), ('{"format_version": 1, "seq_len": "32"}', "seq_len")):
         (tmp_path / "manifest.json").write_text(text)
         with pytest.raises(ValueError, match=key):
             read_manifest(tmp_path)

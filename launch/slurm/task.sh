@@ -36,7 +36,7 @@ case "$LLP_SLURM_MODE" in
     trap '' TERM USR1
     export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGINT,SIGHUP,SIGQUIT}
     llp_log "node $NODE_RANK ($(hostname)): torchrun with $LLP_NPROC_PER_NODE process(es), global ranks $(( NODE_RANK * LLP_NPROC_PER_NODE ))-$(( (NODE_RANK + 1) * LLP_NPROC_PER_NODE - 1 ))"
-    exec "$PYTHON" -m torch.distributed.run --nnodes "${SLURM_NNODES:?}" --node-rank "$NODE_RANK" \
+    exec "$PYTHON" -m llp_pretrain.torchrun --nnodes "${SLURM_NNODES:?}" --node-rank "$NODE_RANK" \
       --nproc-per-node "$LLP_NPROC_PER_NODE" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
       --max-restarts "${LLP_MAX_RESTARTS:-0}" \
       --no-python "${TRAIN_CMD[@]}" --config "$CONFIG" "$@"

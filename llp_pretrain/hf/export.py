@@ -118,7 +118,12 @@ def export_hf(path, out, max_shard_size=DEFAULT_MAX_SHARD) -> Path:
         if out.exists():
             shutil.rmtree(out)  # an earlier export (checked above) or an empty directory
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        from llp_pretrain.export import disk_full_error
+
+        full = disk_full_error(e, out, "the transformers files")
+        if full is not None:
+            raise full from None
         raise
     return out

@@ -8,6 +8,7 @@ comes from the run's one :class:`~llp_pretrain.layout.ParallelLayout` (:attr:`Di
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torch
 from llp_pretrain.layout import ParallelLayout, RankCoords
 
 __all__ = ["DistInfo", "DistributedInitError", "DIST_INIT_TIMEOUT_S", "setup_distributed", "free_port",
-           "all_reduce", "destroy_process_group"]
+           "all_reduce", "destroy_process_group", "peer_failure_line"]
 
 #: seconds the process-group initialisation may take before the process gives up with a message
 #: (environment variable ``LLP_DIST_INIT_TIMEOUT_S`` overrides)
@@ -190,3 +191,26 @@ def destroy_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+#: what a collective reports when another process of the job has gone (gloo, NCCL, the TCP store)
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+              "NCCL communicator was aborted", "Connection refused")
+
+
+def peer_failure_line(e: BaseException) -> Optional[str]:
+    """One line for a collective that failed because another process of the job died (it ended with
+    its own error line, or was killed): which rank this is, what the backend saw, and where to look.
+    None when ``e`` is not such a failure."""
+    import torch.distributed as dist
+
+    text = str(e).strip()
+    lost = isinstance(e, (dist.DistBackendError, dist.DistNetworkError)) or any(p in text for p in _PEER_LOST)
+    if not isinstance(e, RuntimeError) or not lost:
+        return None
+    first = text.splitlines()[0] if text else type(e).__name__
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first)          # gloo's [source file:line] prefix
+    first = first.split(". This is typically")[0].strip()  # and its advice
+    rank = os.environ.get("RANK", "0")
+    return (f"rank {rank}: another process of this job failed, so a collective lost its connection ({first[:160]}); "
+            "the failing rank's own error line names the cause")

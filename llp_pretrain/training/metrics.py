@@ -5,7 +5,9 @@ non-skipped steps and all ranks), ``train/lr``, ``train/grad_norm``, ``train/tok
 (global), ``train/mfu`` (model FLOPs utilisation: ``flops_per_token * tokens/s / (peak * world)``),
 ``train/peak_flops`` (the per-process peak in use; ``training.peak``),
 ``train/step_time`` (seconds), ``train/data_wait_fraction``, ``train/memory_gb``,
-``train/skipped_steps``.
+``train/skipped_steps``; with ``data.on_corrupt: skip`` also ``data/skipped_samples`` (corrupt samples
+the loaders of all data-parallel ranks skipped since this process started; a bad sample counts each
+time it is read, once per epoch; :class:`SkipTally`).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Optional
 
 from llp_pretrain.monitor import Monitor, format_eta, memory_gb
 
-__all__ = ["StepOutcome", "MetricsLogger"]
+__all__ = ["StepOutcome", "MetricsLogger", "SkipTally"]
 
 
 @dataclass
@@ -32,6 +34,35 @@ class StepOutcome:
     time: float = 0.0
     wait: float = 0.0
     flags: tuple = ()
+
+
+class SkipTally:
+    """Wraps the training loader's iterator: passes every batch through and keeps the latest count of
+    corrupt samples skipped (``data.on_corrupt: skip``) of each logical loader worker; a batch carries
+    its worker's running count as ``"skipped"`` and the worker as ``"worker"``. :attr:`local` is this
+    rank's total."""
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.by_worker: dict = {}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.batches)
+        if "skipped" in batch:
+            self.by_worker[batch.get("worker", 0)] = int(batch["skipped"])
+        return batch
+
+    @property
+    def local(self) -> int:
+        return sum(self.by_worker.values())
+
+    @property
+    def step_keys(self):
+        """The wrapped loader's keys of the last step (``data.StepBatches.step_keys``)."""
+        return self.batches.step_keys
 
 
 class MetricsLogger:
@@ -64,9 +95,10 @@ class MetricsLogger:
         t = self.cfg.train
         return step % t.log_interval == 0 or step == t.max_steps
 
-    def log(self, step: int, out: StepOutcome, grad_norm, skipped_total: int) -> None:
+    def log(self, step: int, out: StepOutcome, grad_norm, skipped_total: int,
+            skipped_samples: Optional[int] = None) -> None:
         """Log the window ending at ``step`` (every rank calls it; no collective: the step losses are
-        already averaged over ranks) and start a new one."""
+        already averaged over ranks, ``skipped_samples`` is already summed) and start a new one."""
         t, win = self.cfg.train, self.win
         mean_loss = win["loss"] / win["loss_steps"] if win["loss_steps"] else float("nan")
         self.last_loss = mean_loss
@@ -80,11 +112,13 @@ class MetricsLogger:
             "train/step_time": step_time,
             "train/data_wait_fraction": win["wait"] / max(win["time"], 1e-12),
             "train/memory_gb": memory_gb(), "train/skipped_steps": skipped_total,
+            "data/skipped_samples": skipped_samples,
         })
         eta = step_time * (t.max_steps - step)
         self.monitor.console(f"step {step:>7d}/{t.max_steps} | loss {mean_loss:.4f} | lr {out.lr:.3e} | "
                              f"grad_norm {gn if gn is not None else float('nan'):.3f} | {tok_s:,.0f} tok/s | "
-                             f"mfu {100 * mfu:.1f}% | eta {format_eta(eta)}")
+                             f"mfu {100 * mfu:.1f}% | eta {format_eta(eta)}"
+                             + (f" | skipped samples {skipped_samples}" if skipped_samples else ""))
         self.monitor.flush()
         self._reset()
 

@@ -22,9 +22,9 @@ from llp_pretrain.run_identity import run_hashes
 from . import callbacks as _callbacks
 from .checkpointer import Checkpointer, resolve_start
 from .consumed import ConsumedLog
-from .distributed import setup_distributed
+from .distributed import all_reduce, setup_distributed
 from .evaluation import Evaluator, log_val, sample_text
-from .metrics import MetricsLogger, StepOutcome
+from .metrics import MetricsLogger, SkipTally, StepOutcome
 from .peak import Peak, resolve_peak
 from .setup import Built, build_engine, prepare_run_dir
 from .step import train_step
@@ -111,7 +111,7 @@ class Trainer:
         bf16_gpu = resolved_precision(t) == "bf16" and d.device.type == "cuda"
         # measured before the loader's workers start, so they do not compete with the measurement
         peak = resolve_peak(t.peak_flops, d, torch.bfloat16 if bf16_gpu else torch.float32)
-        self.loader = iter(make_train_loader(stream))
+        self.loader = SkipTally(iter(make_train_loader(stream)))
         self.tally = SourceTally(t.seed, stream.weights, stream.virtual_readers, stream.per_reader) \
             if cfg.data.sources and d.rank == 0 else None
         return peak
@@ -161,7 +161,7 @@ class Trainer:
                 self.metrics.record(out)
                 if self.metrics.due(self.step):
                     gn = out.grad_norm if self.stage == 0 else self.engine.get_global_grad_norm()
-                    self.metrics.log(self.step, out, gn, self.skipped_total)
+                    self.metrics.log(self.step, out, gn, self.skipped_total, self.skipped_samples())
                     self._log_source_tokens()
                 # periodic evaluation, unless the final one is only a few steps away
                 if t.eval_interval and self.step % t.eval_interval == 0 and \
@@ -195,6 +195,15 @@ class Trainer:
         names = [s.name for s in self.cfg.data.sources]
         self.monitor.scalars(self.step, {f"train/tokens/{n}": int(k) * self.cfg.model.seq_len
                                          for n, k in zip(names, samples)})
+
+    def skipped_samples(self) -> Optional[int]:
+        """Corrupt samples skipped so far by the loaders of all data-parallel ranks (``data.on_corrupt:
+        skip``), None under ``fail``. A collective (every rank calls it at the same steps): the ranks of a
+        sequence-parallel group read the same samples, so the sum is divided by its size."""
+        if self.cfg.data.on_corrupt != "skip":
+            return None
+        total = all_reduce([float(self.loader.local)], device=self.d.reduce_device)[0]
+        return int(round(total / self.d.sp_size))
 
     def _count_nonfinite(self, out: StepOutcome, run: int) -> int:
         """Count a skipped step; raise ``FloatingPointError`` after ``train.max_nonfinite_steps`` in a row."""
