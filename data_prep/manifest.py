@@ -155,8 +155,8 @@ def read_manifest(directory: os.PathLike) -> Dict:
     """
     p = Path(directory) / MANIFEST
     if not p.is_file():
-        if p.exists():     # a directory, a FIFO (never opened: it would block), a device
-            raise DataPrepError(f"{p} is not a regular file; {directory} holds no dataset that "
+        if os.path.lexists(p):  # a directory, a FIFO (never opened: it would block), a device, a broken symlink
+            raise DataPrepError(f"{p} is not a regular file (or a symlink that does not resolve); {directory} holds no dataset that "
                                 f"llp-prep wrote (rerun `llp-prep shard ... --out DIR`)")
         raise DataPrepError(f"{p} not found: {directory} holds no finished dataset (rerun "
                             f"`llp-prep shard ... --out {directory}`)")

@@ -130,7 +130,7 @@ class DataConfig(_Strict):
 class TrainConfig(_Strict):
     """``train`` section: optimisation, schedule, logging and checkpoint cadence (all in optimizer steps)."""
 
-    max_steps: int = Field(gt=0)
+    max_steps: int = Field(gt=0, lt=2**53)
     micro_batch_size: int = Field(gt=0, description="samples per rank per forward/backward")
     grad_accum_steps: Optional[int] = Field(None, gt=0)
     global_batch_size: Optional[int] = Field(
@@ -270,6 +270,9 @@ def find_config_file(name: str, relative_to: Optional[Path] = None) -> Path:
         found = sorted(q.name for q in p.glob("*.y*ml"))[:5]
         raise IsADirectoryError(f"config {name!r} is a directory, not a run YAML file; give the file"
                                 + (f" (it holds: {', '.join(found)})" if found else ""))
+    if os.path.lexists(p):  # a FIFO (never opened: it would block), a device, a symlink that does not resolve
+        raise ValueError(f"config {name!r} is not a regular file (a FIFO, a device, or a symlink that does not "
+                         "resolve); give the run YAML file")
     if not p.is_absolute():
         if relative_to is not None:
             q = relative_to / p
@@ -301,7 +304,7 @@ def read_manifest(path: str | os.PathLike) -> Dict[str, Any]:
     if is_url(str(path)):
         return read_url_manifest(str(path))
     m = Path(path) / "manifest.json"
-    if not m.is_file():
+    if not os.path.lexists(m):  # anything else that is not a regular file: the checked reader names it
         raise FileNotFoundError(f"{m}: no manifest.json; is {path} a dataset directory written by `llp-prep shard`?")
     try:
         return read_checked(path)

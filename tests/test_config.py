@@ -264,6 +264,39 @@ def test_config_directory_is_named_a_directory(ds, tmp_path, capsys):
                                         "a run YAML file; give the file (it holds: run.yaml)"]
 
 
+def test_config_that_is_no_regular_file_is_named_so(tmp_path, capsys):
+    """A FIFO is never opened (it would block), a symlink loop and a device are not 'not found'."""
+    import os
+
+    fifo, loop = tmp_path / "fifo.yaml", tmp_path / "loop.yaml"
+    os.mkfifo(fifo)
+    loop.symlink_to(loop)
+    for path in (fifo, loop, "/dev/null"):
+        err = _check_config_fails(capsys, ["--config", path])
+        assert err.strip().splitlines() == [f"llp-pretrain check-config: error: config '{path}' is not a regular file "
+                                            "(a FIFO, a device, or a symlink that does not resolve); give the run "
+                                            "YAML file"]
+
+
+def test_manifest_that_is_a_symlink_loop_is_named_so(ds, tmp_path, capsys):
+    import shutil
+
+    from llp_pretrain.config import read_manifest
+
+    copy = tmp_path / "ds"
+    shutil.copytree(ds, copy)
+    (copy / "manifest.json").unlink()
+    (copy / "manifest.json").symlink_to(copy / "manifest.json")
+    with pytest.raises(ValueError, match=r"manifest.json is not a regular file \(or a symlink that does not resolve\)"):
+        read_manifest(copy)
+
+
+def test_absurd_max_steps_is_refused(ds, tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(tiny_run_config(ds, tmp_path / "run")))
+    err = _check_config_fails(capsys, ["--config", tmp_path / "run.yaml", "--set", "train.max_steps=100000000000000000000"])
+    assert "train.max_steps" in err and "Traceback" not in err
+
+
 def test_empty_output_dir_is_refused(ds, tmp_path, capsys):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(tiny_run_config(ds, tmp_path / "run")))
     err = _check_config_fails(capsys, ["--config", tmp_path / "run.yaml", "--set", "run.output_dir="])
