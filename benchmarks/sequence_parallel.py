@@ -30,7 +30,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import sys
 import time
@@ -39,6 +38,8 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+
+from llp_pretrain.training.distributed import free_port
 
 MODEL = dict(variant="llp", vocab_size=256, d_model=128, n_heads=4, n_layers=2, segment_len=64)
 
@@ -150,16 +151,10 @@ def _worker(rank, world, port, spec, outdir):
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_size(world, spec, tmp: Path):
     out = tmp / f"p{world}"
     out.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(_worker, args=(world, _free_port(), spec, str(out)), nprocs=world,
+    mp.start_processes(_worker, args=(world, free_port(), spec, str(out)), nprocs=world,
                        join=True, start_method="spawn")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 

@@ -12,7 +12,6 @@
 """
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,14 +22,9 @@ import pytest
 import torch
 
 from launch_fixtures import REPO, checkpoint_steps, final_weights, launch_env, write_tiny_run
+from llp_pretrain.training.distributed import free_port
 
 TRAIN_SH = str(REPO / "launch" / "train.sh")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pids_with_env(marker: str, rank: str):
@@ -160,7 +154,7 @@ def _init_only(env_extra, timeout=90):
 @pytest.mark.distributed
 @pytest.mark.timeout(200)
 def test_process_group_init_times_out_with_what_it_waited_for(tmp_path):
-    port = _free_port()
+    port = free_port()
     common = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "LOCAL_RANK": "0",
               "LLP_DIST_INIT_TIMEOUT_S": "4"}
     # rank 0 hosts the store and waits for a rank 1 that never comes

@@ -2,7 +2,6 @@
 ranks) and sequence parallelism (2 ranks sharing each sample). One torchrun job trains both on a
 synthetic dataset; each export loads with transformers and gives our model's logits."""
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +15,10 @@ from hf_fixtures import REPO, clean_env  # noqa: E402
 
 from llp_pretrain.export import load_checkpoint_weights, load_model  # noqa: E402
 from tiny_runs import tiny_run_config, write_tiny_dataset  # noqa: E402
+from llp_pretrain.training.distributed import free_port
 
 pytestmark = [pytest.mark.distributed]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +34,7 @@ def runs(tmp_path_factory):
     spec = w / "spec.json"
     spec.write_text(json.dumps(jobs))
     p = subprocess.run([TORCHRUN, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-                        str(_free_port()), str(REPO / "tests" / "train_many.py"), "train-many", str(spec)], cwd=REPO,
+                        str(free_port()), str(REPO / "tests" / "train_many.py"), "train-many", str(spec)], cwd=REPO,
                        env=clean_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     return w

@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import math
 import os
-import socket
 import time
 import traceback
 from pathlib import Path
@@ -26,16 +25,11 @@ from llp_pretrain.parallel import (
     local_chunk,
     ParallelLayout,
 )
+from llp_pretrain.training.distributed import free_port
 
 
 # ----------------------------------------------------------------------------------------------
 # process-group harness (shared with test_sequence_parallel.py)
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(rank, world, port, fn, args, outdir):
     import torch.distributed as dist
 
