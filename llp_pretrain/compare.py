@@ -35,8 +35,9 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -430,26 +431,25 @@ def _verdict(rows: Dict[str, Dict[str, Any]], cost: Dict[str, List[Tuple[int, fl
     return out
 
 
-def run_compare(config: str, out: Optional[str] = None, variants: Optional[Sequence[str]] = None,
-                steps: Optional[int] = None, quiet: bool = False) -> Dict[str, Any]:
-    """Run the whole comparison (see the module docstring); returns the ``results.json`` dict.
+@dataclass
+class _ComparePlan:
+    """Everything fixed before training: the run directory, the data, and one validated run config
+    per variant (``run_cfgs``) at the width ``matched`` by :func:`match_widths`."""
 
-    Raises:
-        ValueError / ConfigError: bad compare config or a variant's run config (before training).
-        RuntimeError: a variant's training process failed (its log file is named).
-    """
-    from llp_pretrain.config import load_config
+    spec: CompareSpec
+    run_dir: Path
+    data_dir: Path
+    seq_len: int
+    matched: Dict[str, Dict[str, Any]]
+    run_cfgs: Dict[str, Any]
+    cfg_dir: Path
 
-    t_start = time.time()
-    spec, overrides, base, prep = load_compare_config(config, variants, steps)
-    run_dir = Path(out or base.get("run", {}).get("output_dir") or "runs/compare")
-    from llp_pretrain.config import output_dir_problem
 
-    if output_dir_problem(run_dir):
-        raise ValueError(f"{'--out' if out else 'run.output_dir'}: {output_dir_problem(run_dir)}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
-
+def _prepare_base(spec: CompareSpec, base: Dict, prep: Optional[DataPrepSpec], run_dir: Path,
+                  say: Callable[..., None]) -> Path:
+    """Fill ``base`` in place: the data path (prepared under ``run_dir/data`` when ``prep`` is given and
+    ``data.path`` has no manifest; made absolute), ``train.max_steps`` from ``spec.steps``, and
+    ``train.log_interval`` capped at ``max_steps / 10``. Returns the resolved data directory."""
     seq_len = int(base["model"]["seq_len"])
     data = base.setdefault("data", {})
     if prep is not None and not (Path(str(data.get("path", ""))) / "manifest.json").is_file():
@@ -463,9 +463,19 @@ def run_compare(config: str, out: Optional[str] = None, variants: Optional[Seque
     if isinstance(tr.get("max_steps"), int) and isinstance(tr.get("log_interval", 10), int):
         # enough log intervals after the first (warm-up) one for a steady step time
         tr["log_interval"] = max(1, min(tr.get("log_interval", 10), tr["max_steps"] // 10))
+    return data_dir
 
-    # one validated run config per variant, all before any training starts
-    from llp_pretrain.config import read_manifest
+
+def _plan_variants(spec: CompareSpec, overrides: Dict[str, Dict], base: Dict, run_dir: Path, data_dir: Path,
+                   say: Callable[..., None]) -> _ComparePlan:
+    """One validated run config per variant, all before any training starts: widths matched, each
+    config written to ``run_dir/configs/<variant>.yaml``, the parameter table printed.
+
+    Raises:
+        ValueError: a variant's parameter count cannot be matched (from :func:`match_widths`).
+        ConfigError: a variant's run config is invalid (names every problem).
+    """
+    from llp_pretrain.config import load_config, read_manifest
 
     manifest = read_manifest(data_dir)
     piece_count = int(manifest["tokenizer"]["piece_count"])
@@ -489,38 +499,52 @@ def run_compare(config: str, out: Optional[str] = None, variants: Optional[Seque
     for v in spec.variants:
         say(f"  {v:24s} d_model {matched[v]['model']['d_model']:5d}  params {matched[v]['params']:>12,}  "
             f"({matched[v]['rel_diff']:+.2%})")
+    return _ComparePlan(spec, run_dir, data_dir, int(base["model"]["seq_len"]), matched, run_cfgs, cfg_dir)
 
-    # train every variant in its own process
-    logs = run_dir / "logs"
+
+def _train_variants(plan: _ComparePlan, say: Callable[..., None]) -> Dict[str, float]:
+    """Train every variant in its own ``llp-pretrain train`` process (output in ``run_dir/logs/<variant>.log``,
+    the launcher's rank variables removed from its environment). Returns variant -> wall seconds.
+
+    Raises:
+        RuntimeError: a training process exited non-zero (its log file is named).
+    """
+    logs = plan.run_dir / "logs"
     logs.mkdir(exist_ok=True)
     wall: Dict[str, float] = {}
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    for v in spec.variants:
-        say(f"[compare] training {v} ({run_cfgs[v].train.max_steps} steps) -> {run_dir / 'runs' / v}")
+    for v in plan.spec.variants:
+        say(f"[compare] training {v} ({plan.run_cfgs[v].train.max_steps} steps) -> {plan.run_dir / 'runs' / v}")
         t0 = time.time()
         with open(logs / f"{v}.log", "w") as fh:
             rc = subprocess.call([sys.executable, "-m", "llp_pretrain.cli", "train", "--config",
-                                  str(cfg_dir / f"{v}.yaml"), "--resume", "auto"],
+                                  str(plan.cfg_dir / f"{v}.yaml"), "--resume", "auto"],
                                  stdout=fh, stderr=subprocess.STDOUT, env=env)
         wall[v] = time.time() - t0
         if rc != 0:
             raise RuntimeError(f"training {v} failed with exit code {rc}; see {logs / (v + '.log')}")
+    return wall
 
-    # strided evaluation on the same targets for every variant, logged to each TensorBoard run
+
+def _evaluate_variants(plan: _ComparePlan, say: Callable[..., None]) -> Tuple[int, int]:
+    """Strided evaluation on the same targets for every variant, logged to each TensorBoard run as
+    ``eval/loss``, ``eval/ppl``, ``eval/bits_per_byte`` (when known) and ``eval/tokens`` at the final
+    step. Returns ``(scored_len, stride)`` in tokens: the fewest trained positions of any variant, and
+    ``compare.eval_stride`` capped at it."""
     from torch.utils.tensorboard import SummaryWriter
 
     from llp_pretrain.models import ModelConfig, build_model
 
-    trained = {v: build_model(ModelConfig(**matched[v]["model"])).trained_positions(seq_len) for v in spec.variants}
+    spec, run_dir = plan.spec, plan.run_dir
+    trained = {v: build_model(ModelConfig(**plan.matched[v]["model"])).trained_positions(plan.seq_len)
+               for v in spec.variants}
     scored_len = min(s.stop - s.start for s in trained.values())
     stride = min(spec.eval_stride or scored_len, scored_len)
-    evals = {}
     for v in spec.variants:
         say(f"[compare] evaluating {v} (scored positions per window {scored_len}, stride {stride})")
-        res = evaluate_run(run_dir / "runs" / v, data_dir, scored_len, stride, spec.eval_max_samples)
-        evals[v] = res
-        steps_done = run_cfgs[v].train.max_steps
+        res = evaluate_run(run_dir / "runs" / v, plan.data_dir, scored_len, stride, spec.eval_max_samples)
+        steps_done = plan.run_cfgs[v].train.max_steps
         w = SummaryWriter(str(run_dir / "runs" / v / "tensorboard"), filename_suffix=".compare-eval")
         w.add_scalar("eval/loss", res.loss, steps_done)
         w.add_scalar("eval/ppl", res.ppl, steps_done)
@@ -528,12 +552,17 @@ def run_compare(config: str, out: Optional[str] = None, variants: Optional[Seque
             w.add_scalar("eval/bits_per_byte", res.bits_per_byte, steps_done)
         w.add_scalar("eval/tokens", res.tokens, steps_done)
         w.close()
+    return scored_len, stride
 
-    # step time against seq_len, side by side in this process
+
+def _measure_cost(plan: _ComparePlan, say: Callable[..., None]) -> Dict[str, List[Tuple[int, float]]]:
+    """Step time against ``seq_len``, side by side in this process: variant -> ``[(seq_len, seconds)...]``.
+    A length a variant cannot take (e.g. too short for its latents) is reported and skipped."""
+    spec = plan.spec
     cost: Dict[str, List[Tuple[int, float]]] = {v: [] for v in spec.variants}
     for n in spec.cost_seq_lens:
         for v in spec.variants:
-            md = variant_model(matched[v]["model"], v, {}, seq_len=n)
+            md = variant_model(plan.matched[v]["model"], v, {}, seq_len=n)
             try:
                 t = step_time(md, spec.cost_batch, spec.cost_repeats)
             except Exception as e:  # a length the variant cannot take (e.g. too short for its latents)
@@ -541,24 +570,32 @@ def run_compare(config: str, out: Optional[str] = None, variants: Optional[Seque
                 continue
             cost[v].append((n, t))
             say(f"  cost {v:24s} seq_len {n:6d}: {t * 1e3:9.1f} ms")
+    return cost
 
-    # results, from the TensorBoard runs
+
+def _collect_results(plan: _ComparePlan, wall: Dict[str, float]
+                     ) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Dict[str, List[Tuple[float, float]]]]]:
+    """The results rows (variant -> table row, every measured number read back from the variant's
+    TensorBoard run) and the loss curves (variant -> ``{"train"|"val": [(training tokens, loss)...]}``)."""
+    from llp_pretrain.models import ModelConfig
     from llp_pretrain.models.flops import forward_flops_breakdown
 
+    seq_len = plan.seq_len
     rows: Dict[str, Dict[str, Any]] = {}
     curves: Dict[str, Dict[str, List[Tuple[float, float]]]] = {}
-    for v in spec.variants:
-        cfg = run_cfgs[v]
+    for v in plan.spec.variants:
+        cfg = plan.run_cfgs[v]
+        matched = plan.matched[v]
         tok_per_step = cfg.train.global_batch_size * seq_len
-        sc = read_scalars(run_dir / "runs" / v / "tensorboard")
-        mcfg = ModelConfig(**matched[v]["model"])
+        sc = read_scalars(plan.run_dir / "runs" / v / "tensorboard")
+        mcfg = ModelConfig(**matched["model"])
         attn = forward_flops_breakdown(mcfg, seq_len)["attention"] * 3 / seq_len
         steps_done = cfg.train.max_steps
         rows[v] = {
             "variant": v,
             "d_model": mcfg.d_model,
-            "params": matched[v]["params"],
-            "params_rel_diff": matched[v]["rel_diff"],
+            "params": matched["params"],
+            "params_rel_diff": matched["rel_diff"],
             "attention_flops_per_token": attn,
             "train_tokens": steps_done * tok_per_step,
             "step_time_s": steady_median(sc.get("train/step_time", [])),
@@ -573,13 +610,54 @@ def run_compare(config: str, out: Optional[str] = None, variants: Optional[Seque
         }
         curves[v] = {"train": [(s * tok_per_step, x) for s, x in sc.get("train/loss", [])],
                      "val": [(s * tok_per_step, x) for s, x in sc.get("val/loss", [])]}
+    return rows, curves
 
+
+def _write_plots(run_dir: Path, curves: Dict[str, Dict[str, List[Tuple[float, float]]]],
+                 cost: Dict[str, List[Tuple[int, float]]]) -> None:
+    """``loss_curves.png`` and ``cost_vs_seq_len.png`` under ``run_dir``."""
     plot_loss_curves(curves, run_dir / "loss_curves.png")
     plot_cost(cost, run_dir / "cost_vs_seq_len.png")
+
+
+def _write_results(run_dir: Path, results: Dict[str, Any], say: Callable[..., None]) -> None:
+    """``results.json`` (atomic) and ``results.md`` under ``run_dir``; the Markdown and the TensorBoard
+    command are printed."""
+    write_json_atomic(run_dir / "results.json", results)
+    (run_dir / "results.md").write_text(render_markdown(results))
+    say((run_dir / "results.md").read_text())
+    say(f"[compare] TensorBoard: {results['tensorboard']}")
+
+
+def run_compare(config: str, out: Optional[str] = None, variants: Optional[Sequence[str]] = None,
+                steps: Optional[int] = None, quiet: bool = False) -> Dict[str, Any]:
+    """Run the whole comparison (see the module docstring); returns the ``results.json`` dict.
+
+    Raises:
+        ValueError / ConfigError: bad compare config or a variant's run config (before training).
+        RuntimeError: a variant's training process failed (its log file is named).
+    """
+    from llp_pretrain.config import output_dir_problem
+
+    t_start = time.time()
+    spec, overrides, base, prep = load_compare_config(config, variants, steps)
+    run_dir = Path(out or base.get("run", {}).get("output_dir") or "runs/compare")
+    if output_dir_problem(run_dir):
+        raise ValueError(f"{'--out' if out else 'run.output_dir'}: {output_dir_problem(run_dir)}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+
+    data_dir = _prepare_base(spec, base, prep, run_dir, say)
+    plan = _plan_variants(spec, overrides, base, run_dir, data_dir, say)
+    wall = _train_variants(plan, say)
+    scored_len, stride = _evaluate_variants(plan, say)
+    cost = _measure_cost(plan, say)
+    rows, curves = _collect_results(plan, wall)
+    _write_plots(run_dir, curves, cost)
     verdict = _verdict(rows, cost)
     results = {
         "config": str(config),
-        "seq_len": seq_len,
+        "seq_len": plan.seq_len,
         "data": str(data_dir),
         "eval": {"split": "val", "scored_positions_per_window": scored_len, "stride": stride},
         "variants": rows,
@@ -588,10 +666,7 @@ def run_compare(config: str, out: Optional[str] = None, variants: Optional[Seque
         "total_wall_time_s": time.time() - t_start,
         "tensorboard": f"tensorboard --logdir {run_dir / 'runs'}",
     }
-    write_json_atomic(run_dir / "results.json", results)
-    (run_dir / "results.md").write_text(render_markdown(results))
-    say((run_dir / "results.md").read_text())
-    say(f"[compare] TensorBoard: {results['tensorboard']}")
+    _write_results(run_dir, results, say)
     return results
 
 
