@@ -168,6 +168,9 @@ class TrainConfig(_Strict):
         layout = (info.context or {}).get("layout")
         if gb is not None and layout is not None and {"micro_batch_size", "grad_accum_steps"} <= info.data.keys():
             layout.batch(info.data["micro_batch_size"], info.data["grad_accum_steps"], gb)  # raises LayoutError
+        elif gb is not None and info.data.get("micro_batch_size") and gb % info.data["micro_batch_size"]:
+            # without a valid layout the data-parallel size is unknown, but this much always holds
+            raise ValueError(f"{gb} is not a multiple of micro_batch_size {info.data['micro_batch_size']}")
         return gb
 
     @field_validator("min_lr")

@@ -297,6 +297,21 @@ def test_absurd_max_steps_is_refused(ds, tmp_path, capsys):
     assert "train.max_steps" in err and "Traceback" not in err
 
 
+def test_independent_cross_field_problems_are_all_reported_even_without_a_layout(ds, tmp_path):
+    """The probe input bad1.yaml: the batch rule and two model rules were reported one round at a time."""
+    raw = tiny_run_config(ds, tmp_path / "run")
+    raw["model"].update(d_model=30, n_heads=4, seq_len=33, segment_len=8)
+    raw["train"].update(micro_batch_size=3, global_batch_size=4)
+    raw["train"].pop("grad_accum_steps", None)
+    raw["parallel"] = {"sequence_parallel_size": 0}
+    with pytest.raises(ConfigError) as e:
+        load_config(raw=raw)
+    msg = str(e.value)
+    for part in ("d_model (30) must be divisible by n_heads (4)", "seq_len (33) must be a multiple of segment_len (8)",
+                 "4 is not a multiple of micro_batch_size 3", "parallel.sequence_parallel_size"):
+        assert part in msg, (part, msg)
+
+
 def test_empty_output_dir_is_refused(ds, tmp_path, capsys):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(tiny_run_config(ds, tmp_path / "run")))
     err = _check_config_fails(capsys, ["--config", tmp_path / "run.yaml", "--set", "run.output_dir="])

@@ -121,6 +121,19 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_combination(self) -> "ModelConfig":
+        """Cross-field rules; every independent violation is reported at once (one ``ValueError``
+        whose message joins them with ``; ``)."""
+        problems = []
+        for check in (self._check_heads, self._check_kv_heads, self._check_variant, self._check_llp_only):
+            try:
+                check()
+            except ValueError as e:
+                problems.append(str(e))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _check_heads(self) -> None:
         if self.d_model % self.n_heads != 0:
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
@@ -130,11 +143,15 @@ class ModelConfig(BaseModel):
                 f"head width d_model/n_heads = {self.d_model // self.n_heads} must be even "
                 "(RoPE rotates pairs); change d_model or n_heads"
             )
+
+    def _check_kv_heads(self) -> None:
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads != 0:
             raise ValueError(
                 f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads}) "
                 "(each key/value head serves n_heads / n_kv_heads query heads)"
             )
+
+    def _check_variant(self) -> None:
         v = self.variant
         if v == "llp":
             self._resolve_segments()
@@ -164,11 +181,12 @@ class ModelConfig(BaseModel):
                     f"compression_len ({self.compression_len}) must satisfy 1 <= compression_len "
                     f"<= seq_len - latent_len ({h})"
                 )
-        if self.separate_first_segment_proj and v != "llp":
+
+    def _check_llp_only(self) -> None:
+        if self.separate_first_segment_proj and self.variant != "llp":
             raise ValueError(
-                f"separate_first_segment_proj is an LLP option; variant is {v!r}"
+                f"separate_first_segment_proj is an LLP option; variant is {self.variant!r}"
             )
-        return self
 
     def _resolve_segments(self) -> None:
         n, L, S = self.seq_len, self.segment_len, self.n_segments
