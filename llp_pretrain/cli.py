@@ -66,6 +66,36 @@ def _at_least(kind: type, low, high=None):
     return parse
 
 
+def _add_eval_and_generate(add) -> None:
+    """The ``eval`` and ``generate`` sub-commands (``add(name, help)`` makes a sub-parser)."""
+    p = add("eval", "strided sliding-window perplexity of a checkpoint on a split")
+    p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir, tag dir or exported dir")
+    p.add_argument("--data", required=True, help="dataset directory (manifest.json + shards) or URL prefix "
+                   "(http(s)://..., file://..., pipe:CMD with {name}; see docs/training.md)")
+    p.add_argument("--split", default="val", choices=["val", "train"], help="split written by `llp-prep shard`")
+    p.add_argument("--stride", type=_at_least(int, 1), default=None, metavar="TOKENS",
+                   help="window advance in tokens (default: the model's trained positions per window / 2)")
+    p.add_argument("--batch-size", type=_at_least(int, 1), default=8, metavar="N", help="windows per forward pass")
+    p.add_argument("--max-samples", type=_at_least(int, 1), default=None, metavar="N",
+                   help="use only the first N samples of the split (default: all)")
+    p.add_argument("--json", action="store_true", help="print only the result, as one JSON object")
+
+    p = add("generate", "sample text from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir, tag dir or exported dir")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=_at_least(int, 0), default=100, metavar="N", help="tokens to generate")
+    p.add_argument("--temperature", type=_at_least(float, 0.0), default=0.8,
+                   help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=_at_least(int, 1), default=None, metavar="K",
+                   help="sample from the K most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="nucleus sampling mass in (0, 1] (default: off)")
+    p.add_argument("--seed", type=_at_least(int, 0, 2**63 - 1), default=None,
+                   help="sampling seed for a reproducible sample (default: random)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.model file (default: the one saved with the run or the export)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llp-pretrain", description="Pretrain LLP language models with DeepSpeed.",
                                  formatter_class=_HelpFormatter)
@@ -96,32 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=_at_least(int, 1), default=None, metavar="N",
                    help="number of processes to check the layout for (default: $WORLD_SIZE, else 1)")
 
-    p = add("eval", "strided sliding-window perplexity of a checkpoint on a split")
-    p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir, tag dir or exported dir")
-    p.add_argument("--data", required=True, help="dataset directory (manifest.json + shards) or URL prefix "
-                   "(http(s)://..., file://..., pipe:CMD with {name}; see docs/training.md)")
-    p.add_argument("--split", default="val", choices=["val", "train"], help="split written by `llp-prep shard`")
-    p.add_argument("--stride", type=_at_least(int, 1), default=None, metavar="TOKENS",
-                   help="window advance in tokens (default: the model's trained positions per window / 2)")
-    p.add_argument("--batch-size", type=_at_least(int, 1), default=8, metavar="N", help="windows per forward pass")
-    p.add_argument("--max-samples", type=_at_least(int, 1), default=None, metavar="N",
-                   help="use only the first N samples of the split (default: all)")
-    p.add_argument("--json", action="store_true", help="print only the result, as one JSON object")
-
-    p = add("generate", "sample text from a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir, tag dir or exported dir")
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=_at_least(int, 0), default=100, metavar="N", help="tokens to generate")
-    p.add_argument("--temperature", type=_at_least(float, 0.0), default=0.8,
-                   help="sampling temperature; 0 = greedy")
-    p.add_argument("--top-k", type=_at_least(int, 1), default=None, metavar="K",
-                   help="sample from the K most likely tokens (default: all)")
-    p.add_argument("--top-p", type=float, default=None, metavar="P",
-                   help="nucleus sampling mass in (0, 1] (default: off)")
-    p.add_argument("--seed", type=_at_least(int, 0, 2**63 - 1), default=None,
-                   help="sampling seed for a reproducible sample (default: random)")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer.model file (default: the one saved with the run or the export)")
+    _add_eval_and_generate(add)
 
     p = add("export", "consolidated safetensors weights + model config (also from ZeRO-3)")
     p.add_argument("checkpoint", help="run dir, checkpoints dir or stepNNNNNNNN tag dir")
